@@ -1,0 +1,126 @@
+r"""The exact Hessian diagonal and trace of a pure loss, by a chunked basis sweep.
+
+For each leaf :math:`\theta_\ell` of the parameter pytree, the diagonal of the
+block :math:`\nabla^2_{\theta_\ell} f` is read off HVPs with the one-hot basis
+vectors :math:`e_i` of that leaf, :math:`H_{ii} = e_i^\top H e_i`.  Only the leaf
+being swept carries tangents, the vectors are vmapped ``chunk_size`` at a time,
+and no ``n x n`` matrix is ever formed: the memory is that of ``chunk_size``
+HVPs.  The cost is one HVP per parameter entry; :mod:`torch_secorder.func.fast_diagonal`
+is far cheaper where the model's layers allow it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optree
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vmap
+
+from torch_secorder.func._tree import PyTree, tree_leaves
+from torch_secorder.func.hvp import default_chunk_size
+from torch_secorder.linalg.progress import progress_bar
+from torch_secorder.linalg.trace import chunk_ranges
+
+__all__ = ["hessian_diagonal", "hessian_trace", "leaf_hessian_diagonal"]
+
+
+def _replace_leaf(params: PyTree, index: int, value: Tensor) -> PyTree:
+    leaves, spec = optree.tree_flatten(params, none_is_leaf=False, namespace="torch_secorder")
+    leaves = list(leaves)
+    leaves[index] = value
+    return optree.tree_unflatten(spec, leaves)
+
+
+def leaf_hessian_diagonal(
+    f: Callable[[PyTree], Tensor],
+    params: PyTree,
+    index: int,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Exact diagonal of the Hessian block of leaf number ``index`` (optree order).
+
+    Args:
+        f: Pure scalar function of ``params``.
+        params: The point.
+        index: Which leaf (in :func:`~torch_secorder.func._tree.tree_leaves` order).
+        chunk_size: Basis vectors per vmapped call.
+        progress: Show a progress bar for long sweeps.
+
+    Returns:
+        A tensor shaped like that leaf.
+    """
+    leaf = tree_leaves(params)[index]
+    numel = leaf.numel()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(numel, numel)
+
+    def f_leaf(x: Tensor) -> Tensor:
+        return f(_replace_leaf(params, index, x))
+
+    def hvp_leaf(v: Tensor) -> Tensor:
+        return jvp(grad(f_leaf), (leaf,), (v,))[1]
+
+    batched = vmap(hvp_leaf, randomness="same")
+    pieces = []
+    for start, stop in progress_bar(
+        chunk_ranges(numel, chunk_size), enabled=progress, desc="Hessian diagonal sweep"
+    ):
+        rows = torch.arange(stop - start, device=leaf.device)
+        basis = torch.zeros(stop - start, numel, dtype=leaf.dtype, device=leaf.device)
+        basis[rows, rows + start] = 1.0
+        products = batched(basis.reshape(stop - start, *leaf.shape)).reshape(stop - start, numel)
+        pieces.append(products[rows, rows + start])
+    return torch.cat(pieces).reshape(leaf.shape)
+
+
+def hessian_diagonal(
+    f: Callable[[PyTree], Tensor],
+    params: PyTree,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> PyTree:
+    r"""Exact diagonal :math:`\operatorname{diag}(\nabla^2 f(\theta))`, shaped like ``params``.
+
+    Args:
+        f: Pure function of ``params`` returning a scalar tensor.
+        params: The point :math:`\theta` (pytree of tensors).
+        chunk_size: Basis vectors per vmapped HVP call (default: about ``2**24 / n_leaf``
+            tangent entries, at most 1024). Peak memory: ``chunk_size`` HVPs.
+        progress: Show a progress bar when the sweep lasts more than a few seconds.
+
+    Returns:
+        A pytree shaped like ``params``.
+
+    Example:
+        >>> import torch
+        >>> f = lambda p: (p["w"] ** 2).sum() * p["b"].sum() + p["b"].pow(3).sum()
+        >>> hessian_diagonal(f, {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])})
+        {'w': tensor([6., 6.]), 'b': tensor([18.])}
+    """
+    leaves, spec = optree.tree_flatten(params, none_is_leaf=False, namespace="torch_secorder")
+    diag = [
+        leaf_hessian_diagonal(f, params, i, chunk_size=chunk_size, progress=progress)
+        for i in range(len(leaves))
+    ]
+    return optree.tree_unflatten(spec, diag)
+
+
+def hessian_trace(
+    f: Callable[[PyTree], Tensor],
+    params: PyTree,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    r"""Exact :math:`\operatorname{tr}(\nabla^2 f(\theta)) = \sum_i H_{ii}`.
+
+    Sums :func:`hessian_diagonal`; same cost and memory.
+
+    Example:
+        >>> import torch
+        >>> hessian_trace(lambda p: (p["x"] ** 2).sum(), {"x": torch.ones(3)})
+        tensor(6.)
+    """
+    return sum(d.sum() for d in tree_leaves(hessian_diagonal(f, params, chunk_size, progress)))

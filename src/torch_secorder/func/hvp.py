@@ -1,0 +1,109 @@
+r"""Hessian-vector products of a pure loss ``f(params) -> scalar``, forward-over-reverse.
+
+.. math::
+    H v = \frac{\partial}{\partial \varepsilon} \nabla f(\theta + \varepsilon v)
+    \Big|_{\varepsilon = 0},
+
+computed as ``jvp(grad(f), (params,), (v,))``: one forward pass and one
+reverse pass carrying tangents, about the cost of two gradients.  Many vectors
+are handled by ``vmap`` over the vector argument, in chunks, so the memory is
+that of ``chunk_size`` HVPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+from torch.func import grad, jvp, vmap
+
+from torch_secorder.func._tree import PyTree, tree_numel, tree_ravel, tree_unravel
+
+__all__ = ["hvp", "hvp_batched", "hessian_matmat", "default_chunk_size"]
+
+#: Entries of the tangent batch (``chunk_size * n``) aimed at by the default chunk.
+DEFAULT_CHUNK_ELEMENTS = 2**24
+
+
+def default_chunk_size(num_vectors: int, dim: int) -> int:
+    """A chunk size that keeps the tangent batch near 2**24 entries (64 MiB in float32).
+
+    The peak memory of a chunked, vmapped HVP is about ``chunk_size`` times that of
+    one HVP (activations and their tangents), plus the tangent batch itself.
+    """
+    return max(1, min(num_vectors, 1024, DEFAULT_CHUNK_ELEMENTS // max(dim, 1)))
+
+
+def hvp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) -> PyTree:
+    r"""Hessian-vector product :math:`H v` of a scalar function of a pytree.
+
+    Args:
+        f: Pure function of ``params`` returning a scalar tensor.
+        params: The point :math:`\theta` (a pytree of tensors, e.g. a dict).
+        v: The vector, a pytree shaped like ``params``.
+
+    Returns:
+        :math:`\nabla^2 f(\theta) v`, shaped like ``params``.
+
+    Example:
+        >>> import torch
+        >>> f = lambda p: (p["x"] ** 3).sum()
+        >>> hvp(f, {"x": torch.tensor([1.0, 2.0])}, {"x": torch.tensor([1.0, 1.0])})
+        {'x': tensor([ 6., 12.])}
+    """
+    return jvp(grad(f), (params,), (v,))[1]
+
+
+def hvp_batched(
+    f: Callable[[PyTree], Tensor],
+    params: PyTree,
+    V: PyTree,
+    chunk_size: int | None = None,
+) -> PyTree:
+    r"""Hessian-vector products with a batch of vectors, vmapped in chunks.
+
+    Args:
+        f: Pure function of ``params`` returning a scalar tensor.
+        params: The point :math:`\theta`.
+        V: Pytree shaped like ``params`` with one extra leading dimension ``k`` on
+            every leaf: the ``k`` vectors.
+        chunk_size: Vectors per vmapped call (``None``: all ``k`` at once). Peak
+            memory is about ``chunk_size`` HVPs.
+
+    Returns:
+        :math:`H v_i` for each ``i``, stacked like ``V``.
+
+    Example:
+        >>> import torch
+        >>> f = lambda p: (p["x"] ** 2).sum()
+        >>> V = {"x": torch.eye(2)}
+        >>> hvp_batched(f, {"x": torch.tensor([1.0, 2.0])}, V)["x"]
+        tensor([[2., 0.],
+                [0., 2.]])
+    """
+    return vmap(lambda v: hvp(f, params, v), chunk_size=chunk_size, randomness="same")(V)
+
+
+def hessian_matmat(
+    f: Callable[[PyTree], Tensor], params: PyTree, chunk_size: int | None = None
+) -> Callable[[Tensor], Tensor]:
+    """The Hessian of ``f`` at ``params`` as a matmat on flat ``(k, n)`` batches.
+
+    This is the bridge to :mod:`torch_secorder.linalg`, whose algorithms take any
+    ``V -> V H`` on rows of length ``n = tree_numel(params)``.
+
+    Example:
+        >>> import torch
+        >>> f = lambda p: (p["x"] ** 2).sum() * p["y"].sum()
+        >>> mm = hessian_matmat(f, {"x": torch.ones(1), "y": torch.ones(1)})
+        >>> mm(torch.eye(2))
+        tensor([[2., 2.],
+                [2., 0.]])
+    """
+
+    def matmat(flat: Tensor) -> Tensor:
+        V = tree_unravel(flat, params)
+        return tree_ravel(hvp_batched(f, params, V, chunk_size=chunk_size), batch_dims=1)
+
+    matmat.dim = tree_numel(params)  # type: ignore[attr-defined]
+    return matmat
