@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import PyTree, tree_leaves
 from torch_secorder.func.hvp import default_chunk_size
 from torch_secorder.linalg.progress import progress_bar
@@ -57,6 +58,7 @@ def leaf_hessian_diagonal(
     if chunk_size is None:
         chunk_size = default_chunk_size(numel, numel)
 
+    @differentiable
     def f_leaf(x: Tensor) -> Tensor:
         return f(_replace_leaf(params, index, x))
 

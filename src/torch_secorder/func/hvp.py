@@ -7,7 +7,9 @@ r"""Hessian-vector products of a pure loss ``f(params) -> scalar``, forward-over
 computed as ``jvp(grad(f), (params,), (v,))``: one forward pass and one
 reverse pass carrying tangents, about the cost of two gradients.  Many vectors
 are handled by ``vmap`` over the vector argument, in chunks, so the memory is
-that of ``chunk_size`` HVPs.
+that of ``chunk_size`` HVPs.  The loss runs under
+:class:`~torch_secorder.func._fixes.DifferentiableOpsMode`, so ``F.mse_loss`` and
+``scaled_dot_product_attention`` (transformers) work as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import PyTree, tree_numel, tree_ravel, tree_unravel
 
 __all__ = ["hvp", "hvp_batched", "hessian_matmat", "default_chunk_size"]
@@ -51,7 +54,7 @@ def hvp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) -> PyTree:
         >>> hvp(f, {"x": torch.tensor([1.0, 2.0])}, {"x": torch.tensor([1.0, 1.0])})
         {'x': tensor([ 6., 12.])}
     """
-    return jvp(grad(f), (params,), (v,))[1]
+    return jvp(grad(differentiable(f)), (params,), (v,))[1]
 
 
 def hvp_batched(

@@ -1,0 +1,260 @@
+"""A user's loss, as the wrappers hand it to the engine.
+
+:func:`closure_problem` turns the documented closure convention (``func()`` reads
+the tensors in ``params``) into a :class:`LossProblem`: a pure function of the
+differentiated tensors for the ``torch.func`` engine, the same loss on one autograd
+graph for the graph route, and the bookkeeping to return results in the user's
+list format.  :func:`module_problem` does the same for ``model`` + ``loss_fn`` +
+data through :func:`torch.func.functional_call`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from torch_secorder.core._inputs import as_param_list, check_loss, check_module
+from torch_secorder.core._purity import SubstitutionMode, preserved_state
+from torch_secorder.func._fixes import differentiable
+from torch_secorder.func._tree import tree_ravel, tree_unravel
+
+__all__ = ["LossProblem", "closure_problem", "module_problem", "STRATEGIES"]
+
+#: How batches of Hessian products are computed by the wrappers.
+#: ``"vmap"``: forward-over-reverse ``jvp(grad(f))`` vmapped over the vectors;
+#: ``"graph"``: one ``create_graph`` gradient, then one backward per vector;
+#: ``"graph_batched"``: the same backward vmapped over the vectors
+#: (``is_grads_batched``); ``"auto"``: ``"vmap"`` on accelerators, ``"graph"``
+#: on CPU (see ``benchmarks/bench_hutchinson.py``).
+STRATEGIES = ("auto", "vmap", "graph", "graph_batched")
+
+
+@dataclass
+class LossProblem:
+    """A scalar loss of some tensors, ready for the engine.
+
+    Attributes:
+        params: The user's tensors, in the user's order.
+        active: Indices (into ``params``) of the differentiated tensors.
+        pure: Pure function of a tuple of values for the active tensors.
+        primals: The point: the active tensors, detached unless ``create_graph``.
+        create_graph: Whether results must be differentiable.
+        loss_closure: Evaluates the loss on the user's own tensors (autograd on).
+        rewind: Resets the global RNG to the state every evaluation starts from.
+        names: Parameter names (module problems only).
+        model: The module (module problems only).
+    """
+
+    params: list[Tensor]
+    active: list[int]
+    pure: Callable[[tuple[Tensor, ...]], Tensor]
+    primals: tuple[Tensor, ...]
+    create_graph: bool
+    loss_closure: Callable[[], Tensor]
+    rewind: Callable[[], None]
+    names: list[str] | None = None
+    model: nn.Module | None = None
+    _graph_grads: tuple[Tensor | None, ...] | None = field(default=None, repr=False)
+
+    @property
+    def dim(self) -> int:
+        """Number of differentiated entries."""
+        return sum(p.numel() for p in self.primals)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.primals[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.primals[0].device
+
+    def resolve_strategy(self, strategy: str) -> str:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy == "auto":
+            return "graph" if self.device.type == "cpu" else "vmap"
+        return strategy
+
+    def expand(self, active_values: Sequence[Tensor]) -> list[Tensor]:
+        """Results for the active tensors -> one tensor per user tensor (zeros elsewhere)."""
+        out = [torch.zeros_like(p) for p in self.params]
+        for i, value in zip(self.active, active_values):
+            out[i] = value
+        return out
+
+    def graph_grads(self) -> tuple[Tensor | None, ...]:
+        """Gradient of the loss w.r.t. the active tensors, with its graph kept."""
+        if self._graph_grads is None:
+            with torch.enable_grad():
+                loss = self.loss_closure()
+                tensors = [self.params[i] for i in self.active]
+                self._graph_grads = torch.autograd.grad(
+                    loss, tensors, create_graph=True, allow_unused=True
+                )
+        return self._graph_grads
+
+    def matmat(self, strategy: str = "auto", chunk_size: int | None = None) -> Callable:
+        """The Hessian as ``V -> V H`` on flat ``(k, dim)`` batches, by ``strategy``."""
+        strategy = self.resolve_strategy(strategy)
+        like = list(self.primals)
+        if strategy == "vmap":
+            from torch_secorder.func.hvp import hessian_matmat
+
+            return hessian_matmat(self.pure, self.primals, chunk_size=chunk_size)
+        grads = self.graph_grads()
+        tensors = [self.params[i] for i in self.active]
+        used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
+
+        def products(vectors: list[Tensor], batched: bool) -> list[Tensor]:
+            if not used:
+                return [torch.zeros_like(v) for v in vectors]
+            result = torch.autograd.grad(
+                [grads[j] for j in used],
+                tensors,
+                grad_outputs=[vectors[j] for j in used],
+                retain_graph=True,
+                create_graph=self.create_graph,
+                allow_unused=True,
+                is_grads_batched=batched,
+            )
+            return [torch.zeros_like(v) if r is None else r for r, v in zip(result, vectors)]
+
+        def matmat(flat: Tensor) -> Tensor:
+            if strategy == "graph_batched":
+                rows = []
+                step = flat.shape[0] if chunk_size is None else chunk_size
+                for start in range(0, flat.shape[0], step):
+                    V = tree_unravel(flat[start : start + step], like)
+                    rows.append(tree_ravel(products(V, True), batch_dims=1))
+                return torch.cat(rows)
+            return torch.stack(
+                [tree_ravel(products(tree_unravel(row, like), False)) for row in flat]
+            )
+
+        return matmat
+
+
+def _active_indices(params: list[Tensor], strict: bool) -> list[int]:
+    active = []
+    for i, p in enumerate(params):
+        if p.requires_grad:
+            active.append(i)
+        elif strict:
+            raise ValueError(
+                f"params[{i}] does not require grad (strict=True): call "
+                f"requires_grad_() on it or pass strict=False to get zeros for it"
+            )
+    return active
+
+
+def _check_used(problem: LossProblem, strict: bool) -> None:
+    if not strict:
+        return
+    with torch.enable_grad():
+        loss = problem.loss_closure()
+        tensors = [problem.params[i] for i in problem.active]
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    for i, g in zip(problem.active, grads):
+        if g is None:
+            raise ValueError(
+                f"params[{i}] is not used by func (strict=True): its gradient is undefined; "
+                f"pass strict=False to get zeros for it"
+            )
+
+
+@contextlib.contextmanager
+def closure_problem(
+    func: Callable[[], Tensor],
+    params: Any,
+    *,
+    strict: bool = False,
+    create_graph: bool = False,
+    model: nn.Module | None = None,
+    name: str = "func",
+) -> Iterator[LossProblem]:
+    """Build a :class:`LossProblem` from a closure ``func()`` that reads ``params``.
+
+    The user's state is preserved for the duration and restored on exit
+    (see :func:`~torch_secorder.core._purity.preserved_state`).
+    """
+    if not callable(func):
+        raise TypeError(f"{name} must be callable, got {type(func).__name__}")
+    params = as_param_list(params)
+    with preserved_state(params, model) as rewind:
+        active = _active_indices(params, strict)
+        tensors = [params[i] for i in active]
+
+        @differentiable
+        def loss_closure() -> Tensor:
+            rewind()
+            return func()
+
+        with torch.no_grad():
+            check_loss(loss_closure(), name)
+
+        def pure(values: tuple[Tensor, ...]) -> Tensor:
+            with SubstitutionMode(tensors, values):
+                return loss_closure()
+
+        primals = tuple(t if create_graph else t.detach() for t in tensors)
+        problem = LossProblem(params, active, pure, primals, create_graph, loss_closure, rewind)
+        _check_used(problem, strict)
+        if not active:
+            problem.primals = ()
+        yield problem
+
+
+@contextlib.contextmanager
+def module_problem(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Any,
+    targets: Any,
+    *,
+    strict: bool = False,
+    create_graph: bool = False,
+) -> Iterator[LossProblem]:
+    """Build a :class:`LossProblem` for ``loss_fn(model(inputs), targets)``.
+
+    The parameters are ``model.parameters()`` (a shared one once); the pure
+    function runs the model through :func:`torch.func.functional_call`.  A tuple
+    ``inputs`` is unpacked into positional arguments of ``model``.
+    """
+    check_module(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    named = list(model.named_parameters())
+    if not named:
+        raise ValueError("model has no parameters: nothing to differentiate")
+    names = [n for n, _ in named]
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def func() -> Tensor:
+        return loss_fn(model(*args), targets)
+
+    with closure_problem(
+        func,
+        [p for _, p in named],
+        strict=strict,
+        create_graph=create_graph,
+        model=model,
+        name="loss_fn(model(inputs), targets)",
+    ) as problem:
+        active_names = [names[i] for i in problem.active]
+
+        def pure(values: tuple[Tensor, ...]) -> Tensor:
+            problem.rewind()
+            out = functional_call(model, dict(zip(active_names, values)), args)
+            return loss_fn(out, targets)
+
+        problem.pure = pure
+        problem.names = names
+        problem.model = model
+        yield problem
