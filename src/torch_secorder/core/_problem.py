@@ -178,11 +178,14 @@ def closure_problem(
     create_graph: bool = False,
     model: nn.Module | None = None,
     name: str = "func",
+    scalar: bool = True,
 ) -> Iterator[LossProblem]:
     """Build a :class:`LossProblem` from a closure ``func()`` that reads ``params``.
 
     The user's state is preserved for the duration and restored on exit
-    (see :func:`~torch_secorder.core._purity.preserved_state`).
+    (see :func:`~torch_secorder.core._purity.preserved_state`).  With
+    ``scalar=False`` the output may be any tensor (Jacobian products): it is not
+    evaluated up front to be checked as a finite scalar loss.
     """
     if not callable(func):
         raise TypeError(f"{name} must be callable, got {type(func).__name__}")
@@ -196,8 +199,9 @@ def closure_problem(
             rewind()
             return func()
 
-        with torch.no_grad():
-            check_loss(loss_closure(), name)
+        if scalar:
+            with torch.no_grad():
+                check_loss(loss_closure(), name)
 
         def pure(values: tuple[Tensor, ...]) -> Tensor:
             with SubstitutionMode(tensors, values):

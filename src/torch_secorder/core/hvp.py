@@ -6,18 +6,28 @@ r"""Hessian-vector products of a closure or a model's loss, and the HVP-based tr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import as_vector_list, check_num_samples
+from torch_secorder.core._inputs import as_vector_list, check_loss, check_num_samples
 from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
+from torch_secorder.core.gvp import model_output_problem
+from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
 from torch_secorder.linalg.trace import hutchinson
 
-__all__ = ["exact_hvp", "model_hvp", "hessian_trace", "problem_hvp"]
+__all__ = [
+    "exact_hvp",
+    "model_hvp",
+    "hessian_trace",
+    "problem_hvp",
+    "approximate_hvp",
+    "gauss_newton_product",
+]
 
 
 def problem_hvp(problem: LossProblem, v: list[Tensor], strategy: str = "auto") -> list[Tensor]:
@@ -154,3 +164,196 @@ def hessian_trace(
             progress=progress,
         ).estimate
     return estimate if create_graph else float(estimate)
+
+
+# ------------------------------------------------------------------ finite differences
+
+
+def _check_damping(damping: Any) -> float:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        if isinstance(damping, Tensor) and damping.numel() == 1:
+            damping = float(damping)
+        else:
+            raise TypeError(f"damping must be a real number, got {type(damping).__name__}")
+    if not math.isfinite(damping):
+        raise ValueError(f"damping must be finite, got {damping}")
+    return float(damping)
+
+
+def fd_step(theta_norm: float, v_norm: float, dtype: torch.dtype, levels: int = 1) -> float:
+    r"""Step :math:`h` of the central difference along ``v`` (see :func:`approximate_hvp`).
+
+    :math:`h = \varepsilon^{1/(2k+1)} (1 + \|\theta\|) / \|v\|` with
+    :math:`\varepsilon` the machine epsilon of ``dtype`` and :math:`k` the
+    number of Richardson levels.
+    """
+    eps = torch.finfo(dtype).eps
+    return eps ** (1.0 / (2 * levels + 1)) * (1.0 + theta_norm) / v_norm
+
+
+def problem_fd_hvp(problem: LossProblem, v: list[Tensor], levels: int = 1) -> list[Tensor]:
+    """Central-difference (Richardson-extrapolated) ``H v`` at the problem's point."""
+    if not problem.active:
+        return [torch.zeros_like(p) for p in problem.params]
+    like = [p.detach() for p in problem.primals]
+    theta = tree_ravel(like)
+    direction = tree_ravel([v[i].detach() for i in problem.active]).to(theta.dtype)
+    v_norm = float(direction.norm())
+    if v_norm == 0.0:
+        return problem.expand([torch.zeros_like(p) for p in like])
+    h = fd_step(float(theta.norm()), v_norm, theta.dtype, levels)
+    gradient = torch.func.grad(lambda flat: problem.pure(tuple(tree_unravel(flat, like))))
+    table: list[Tensor] = []
+    for j in range(levels):
+        step = h / 2**j
+        # The shifted points are new tensors: the user's parameters are never written.
+        diff = (gradient(theta + step * direction) - gradient(theta - step * direction)) / (
+            2 * step
+        )
+        # Richardson: D(h) = Hv + c1 h^2 + c2 h^4 + ...; each column removes one power.
+        row = [diff]
+        for m in range(1, j + 1):
+            row.append(row[m - 1] + (row[m - 1] - table[m - 1]) / (4**m - 1))
+        table = row
+    return problem.expand(tree_unravel(table[-1].detach(), like))
+
+
+def approximate_hvp(
+    func: Callable[[], Tensor],
+    params: Any,
+    v: Tensor | list[Tensor],
+    num_samples: int = 1,
+    damping: float = 0.0,
+) -> Tensor | list[Tensor]:
+    r"""Finite-difference Hessian-vector product plus damping, :math:`(H + \lambda I) v`.
+
+    Central differences of the gradient along :math:`v`:
+
+    .. math::
+        D(h) = \frac{\nabla L(\theta + h v) - \nabla L(\theta - h v)}{2h}
+             = H v + O(h^2),
+        \qquad h = \varepsilon^{1/3} \frac{1 + \|\theta\|}{\|v\|},
+
+    with :math:`\varepsilon` the machine epsilon of the parameters' dtype.  The
+    step balances the truncation error :math:`O(h^2 \|v\|^3)` against the
+    rounding error :math:`O(\varepsilon \|\nabla L\| / h)` of the difference,
+    whose minimum is at :math:`h\|v\| \propto \varepsilon^{1/3}` times the scale
+    of :math:`\theta` (:math:`1 + \|\theta\|`, so that the perturbation is
+    relative to the parameters and still defined at :math:`\theta = 0`): the
+    error is :math:`O(\varepsilon^{2/3})` relative, about :math:`4\cdot10^{-11}`
+    in float64 and :math:`2\cdot10^{-5}` in float32.
+
+    ``num_samples`` = :math:`k` central differences at steps
+    :math:`h, h/2, \dots, h/2^{k-1}` combined by Richardson extrapolation,
+    which cancels the error terms :math:`h^2, \dots, h^{2k-2}`; the step is then
+    :math:`h = \varepsilon^{1/(2k+1)} (1 + \|\theta\|)/\|v\|`.  Cost: :math:`2k`
+    gradients.  Use :func:`exact_hvp` for the exact product at the cost of about
+    two gradients.
+
+    Differences from 0.0.1: 0.0.1 took a one-sided difference with a fixed
+    step ``1e-6`` whatever the dtype (about 10% error in float32), moved the
+    parameters in place, and averaged ``num_samples`` identical copies of it.
+    Here the gradients at the shifted points are evaluated on new tensors
+    substituted for ``params``: the parameters stay bit for bit as they were.
+    ``damping * v`` is added for any ``damping`` (0.0.1: only when positive).
+
+    Args:
+        func: Zero-argument closure returning a scalar loss; it reads ``params``.
+        params: A tensor or list of tensors.
+        v: Tensor (one parameter) or list of tensors shaped like ``params``.
+        num_samples: Richardson levels :math:`k \ge 1` (1: plain central difference).
+        damping: :math:`\lambda`, added as :math:`\lambda v`.
+
+    Returns:
+        One tensor for a single parameter, else a list.  A tensor that does not
+        require grad gets ``damping * v`` (its Hessian block counts as zero).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> hv = approximate_hvp(lambda: (x ** 3).sum(), [x], torch.ones(2, dtype=torch.float64))
+        >>> torch.allclose(hv, torch.tensor([6.0, 12.0], dtype=torch.float64), rtol=1e-9)
+        True
+    """
+    levels = check_num_samples(num_samples)
+    damping = _check_damping(damping)
+    with closure_problem(func, params) as problem:
+        vectors = as_vector_list(v, problem.params)
+        product = problem_fd_hvp(problem, vectors, levels)
+    return _single_or_list(
+        [hv + damping * vi.detach() for hv, vi in zip(product, vectors, strict=True)]
+    )
+
+
+# ------------------------------------------------------------------ Gauss-Newton
+
+
+def problem_ggn_product(
+    problem: LossProblem, loss_fn: Callable[[Tensor, Tensor], Tensor], y: Any, v: list[Tensor]
+) -> list[Tensor]:
+    """``J^T H_out J v`` of an output problem (see :func:`gauss_newton_product`)."""
+    if not problem.active:
+        return [torch.zeros_like(p) for p in problem.params]
+    create_graph = problem.create_graph
+    tangents = tuple(v[i] if create_graph else v[i].detach() for i in problem.active)
+    out, jv = torch.func.jvp(problem.pure, (problem.primals,), (tangents,))
+
+    @differentiable
+    def loss_of_output(o: Tensor) -> Tensor:
+        return loss_fn(o, y)
+
+    check_loss(loss_of_output(out.detach()), "loss_fn(model(x), y)")
+    _, h_jv = torch.func.jvp(torch.func.grad(loss_of_output), (out,), (jv,))
+    _, vjp_fn = torch.func.vjp(problem.pure, problem.primals)
+    (product,) = vjp_fn(h_jv)
+    if not create_graph:
+        product = tuple(p.detach() for p in product)
+    return problem.expand(list(product))
+
+
+def gauss_newton_product(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Any,
+    y: Any,
+    v: Tensor | list[Tensor],
+    create_graph: bool = False,
+) -> Tensor | list[Tensor]:
+    r"""Generalised Gauss-Newton product :math:`G v = J^\top H_{\text{out}} J v`.
+
+    :math:`J` is the Jacobian of the model output :math:`z = \text{model}(x)`
+    with respect to the parameters and :math:`H_{\text{out}} = \nabla_z^2
+    \ell(z, y)` the Hessian of ``loss_fn`` with respect to the output.  Three
+    matrix-free steps: one forward-mode JVP (:math:`u = J v`), one
+    Hessian-vector product of the loss in output space
+    (:math:`w = H_{\text{out}} u`, forward-over-reverse), one VJP
+    (:math:`J^\top w`).  For MSE and cross-entropy :math:`H_{\text{out}}` is
+    positive semi-definite, and so is :math:`G`.
+
+    Differences from 0.0.1: the same quantity; 0.0.1 built :math:`J v` with one
+    backward pass per output entry.
+
+    Args:
+        model: The network (``torch.nn.Module``; anything else raises ``TypeError``).
+        loss_fn: ``loss_fn(outputs, y)`` returning a scalar.
+        x: Model input (a tuple is unpacked into positional arguments).
+        y: Targets, the second argument of ``loss_fn``.
+        v: One tensor per parameter of ``model.parameters()`` (a tensor for a
+            one-parameter model).
+        create_graph: Make the result differentiable.
+
+    Returns:
+        One tensor for a one-parameter model, else a list shaped like the parameters.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> x, y = torch.ones(4, 1), torch.zeros(4, 1)
+        >>> gauss_newton_product(model, torch.nn.functional.mse_loss, x, y, [torch.ones(1, 1)])
+        tensor([[2.]])
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    with model_output_problem(model, x, create_graph) as problem:
+        vectors = as_vector_list(v, problem.params)
+        return _single_or_list(problem_ggn_product(problem, loss_fn, y, vectors))

@@ -1,0 +1,312 @@
+r"""Curvature diagonals per layer, keyed by module name, and their summary statistics.
+
+A layer's entry is the diagonal of the curvature matrix restricted to that
+layer's parameters, flattened and concatenated in ``module.parameters()`` order.
+The diagonal of a block of a matrix is that part of the matrix's diagonal, so
+all layers come out of one computation over the selected parameters:
+
+* Hessian: :math:`\operatorname{diag}(\nabla^2_\theta L)`, exact, from
+  :func:`~torch_secorder.core.hessian_diagonal.model_hessian_diagonal`.
+* Empirical Fisher: :math:`\frac1N \sum_{i=1}^N \nabla_\theta \ell_i \odot
+  \nabla_\theta \ell_i` with :math:`\ell_i = \text{loss\_fn}(\text{model}(x_i), y_i)`
+  the loss of sample :math:`i` alone, from per-sample gradients
+  (:func:`torch.func.vmap` of :func:`torch.func.grad`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from torch_secorder.core._inputs import check_module
+from torch_secorder.core._problem import module_problem
+from torch_secorder.core.hessian_diagonal import model_hessian_diagonal
+from torch_secorder.core.utils import get_params_by_module_type
+from torch_secorder.func._fixes import differentiable
+
+__all__ = [
+    "per_layer_hessian_diagonal",
+    "per_layer_fisher_diagonal",
+    "get_layer_curvature_stats",
+]
+
+#: Per-sample gradient entries held at once by the Fisher sweep (chunks of samples).
+_FISHER_CHUNK_ENTRIES = 2**24
+
+
+def select_layers(
+    model: nn.Module, layer_types: type | Sequence[type] | None
+) -> dict[str, list[Tensor]]:
+    """``{module name: parameters}`` of the layers to report (modules without parameters dropped).
+
+    ``layer_types=None``: every module that owns parameters directly, with those
+    parameters; otherwise every module of the given type(s), with all its
+    parameters (children included, as in 0.0.1).
+    """
+    check_module(model)
+    if layer_types is None:
+        layers = {
+            name: list(module.parameters(recurse=False)) for name, module in model.named_modules()
+        }
+    else:
+        layers = get_params_by_module_type(model, layer_types)
+    layers = {name: params for name, params in layers.items() if params}
+    if not layers:
+        raise ValueError(
+            f"layer_types={layer_types!r} selects no module with parameters in "
+            f"{type(model).__name__}"
+        )
+    return layers
+
+
+@contextlib.contextmanager
+def _differentiating_only(model: nn.Module, selected: list[Tensor]) -> Iterator[None]:
+    """Temporarily make exactly the ``selected`` parameters require grad (as 0.0.1 did)."""
+    ids = {id(p) for p in selected}
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in ids)
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _by_layer(
+    model: nn.Module, layers: dict[str, list[Tensor]], values: list[Tensor]
+) -> dict[str, Tensor]:
+    by_id = {id(p): v for p, v in zip(model.parameters(), values, strict=True)}
+    return {
+        name: torch.cat([by_id[id(p)].reshape(-1) for p in params])
+        for name, params in layers.items()
+    }
+
+
+def per_layer_hessian_diagonal(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Any,
+    targets: Any,
+    layer_types: type | Sequence[type] | None = None,
+    create_graph: bool = False,
+) -> dict[str, Tensor]:
+    r"""Exact Hessian diagonal of ``loss_fn(model(inputs), targets)``, one entry per layer.
+
+    .. math::
+        d_\ell = \operatorname{diag}\big(\nabla^2_{\theta_\ell} L\big),
+
+    the diagonal of the Hessian block of layer :math:`\ell` (which is the
+    corresponding part of the full Hessian's diagonal).  All selected layers
+    come from one call of
+    :func:`~torch_secorder.core.hessian_diagonal.model_hessian_diagonal`
+    restricted to their parameters; 0.0.1 made one call per layer.
+
+    Differences from 0.0.1: ``layer_types=None`` selects every module that owns
+    parameters (as 0.0.1's docstring said; its code used only ``Linear`` and
+    ``Conv2d``).  As in 0.0.1 the selected parameters are differentiated even if
+    they do not require grad; ``requires_grad`` flags are restored.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
+        inputs: Model input (a tuple is unpacked into positional arguments).
+        targets: Second argument of ``loss_fn``.
+        layer_types: A module class or a list/tuple of classes; ``None``: every
+            module that owns parameters directly.
+        create_graph: Make the result differentiable.
+
+    Returns:
+        ``{module name: 1-D tensor}``, the layer's parameters' diagonals
+        flattened and concatenated in ``module.parameters()`` order.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.fill_(1.0)
+        >>> x, y = torch.tensor([[1.0, 2.0]]), torch.zeros(1, 1)
+        >>> per_layer_hessian_diagonal(model, torch.nn.functional.mse_loss, x, y)
+        {'0': tensor([2., 8.])}
+    """
+    layers = select_layers(model, layer_types)
+    selected = [p for params in layers.values() for p in params]
+    with _differentiating_only(model, selected):
+        diag = model_hessian_diagonal(model, loss_fn, inputs, targets, create_graph=create_graph)
+    return _by_layer(model, layers, diag)
+
+
+def _batch_size(inputs: Any, targets: Any) -> int:
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    sizes = {}
+    for i, a in enumerate(args):
+        if not isinstance(a, Tensor) or a.dim() == 0:
+            what = "a 0-dim tensor" if isinstance(a, Tensor) else type(a).__name__
+            raise ValueError(
+                "per-sample gradients need inputs with a leading batch dimension; "
+                f"inputs[{i}] is {what}"
+            )
+        sizes[f"inputs[{i}]" if isinstance(inputs, tuple) else "inputs"] = a.shape[0]
+    if not isinstance(targets, Tensor) or targets.dim() == 0:
+        raise ValueError("per-sample gradients need targets with a leading batch dimension")
+    sizes["targets"] = targets.shape[0]
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"inputs and targets must have the same batch size, got {sizes}")
+    return targets.shape[0]
+
+
+def empirical_fisher_diagonal_of(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Any,
+    targets: Any,
+    create_graph: bool = False,
+) -> list[Tensor]:
+    r""":math:`\frac1N\sum_i g_i \odot g_i` for the parameters that require grad (zeros elsewhere).
+
+    :math:`g_i` is the gradient of ``loss_fn(model(x_i[None]), y_i[None])``,
+    computed by vmapped per-sample gradients over chunks of samples.  Samples
+    must not interact (no batch norm in training mode).
+    """
+    n = _batch_size(inputs, targets)
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    with module_problem(model, loss_fn, inputs, targets, create_graph=create_graph) as problem:
+        if not problem.active:
+            return [torch.zeros_like(p) for p in problem.params]
+        names = [problem.names[i] for i in problem.active]
+
+        @differentiable
+        def sample_loss(values: tuple[Tensor, ...], xs: tuple[Tensor, ...], y: Tensor) -> Tensor:
+            batch = tuple(x.unsqueeze(0) for x in xs)
+            out = functional_call(model, dict(zip(names, values, strict=True)), batch)
+            return loss_fn(out, y.unsqueeze(0))
+
+        per_sample = torch.func.vmap(
+            torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different"
+        )
+        chunk = max(1, _FISHER_CHUNK_ENTRIES // max(problem.dim, 1))
+        totals = [torch.zeros_like(p) for p in problem.primals]
+        for start in range(0, n, chunk):
+            xs = tuple(a[start : start + chunk] for a in args)
+            grads = per_sample(problem.primals, xs, targets[start : start + chunk])
+            totals = [t + (g * g).sum(0) for t, g in zip(totals, grads, strict=True)]
+        mean = [t / n for t in totals]
+        if not create_graph:
+            mean = [m.detach() for m in mean]
+        return problem.expand(mean)
+
+
+def per_layer_fisher_diagonal(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Any,
+    targets: Any,
+    layer_types: type | Sequence[type] | None = None,
+    create_graph: bool = False,
+) -> dict[str, Tensor]:
+    r"""Empirical Fisher diagonal, one entry per layer.
+
+    .. math::
+        d_\ell = \frac1N \sum_{i=1}^N \nabla_{\theta_\ell}\ell_i \odot
+        \nabla_{\theta_\ell}\ell_i,
+        \qquad \ell_i = \text{loss\_fn}(\text{model}(x_i), y_i),
+
+    the diagonal of the empirical Fisher :math:`\frac1N\sum_i g_i g_i^\top`
+    restricted to layer :math:`\ell`, from per-sample gradients (vmap), all
+    layers in one pass.  Samples must not interact (no batch norm in training
+    mode).
+
+    Differences from 0.0.1: 0.0.1 squared the batch gradient,
+    :math:`(\frac1N\sum_i g_i)^{\odot 2}`, which is not the empirical Fisher;
+    ``layer_types=None`` selects every module that owns parameters (0.0.1:
+    ``Linear`` and ``Conv2d`` only).  As in 0.0.1, the selected parameters are
+    differentiated even if they do not require grad.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar; called on
+            one sample at a time (batch of one).
+        inputs: Model input with a leading batch dimension (a tuple of such
+            tensors is unpacked into positional arguments).
+        targets: Targets with the same leading batch dimension.
+        layer_types: A module class or a list/tuple of classes; ``None``: every
+            module that owns parameters directly.
+        create_graph: Make the result differentiable.
+
+    Returns:
+        ``{module name: 1-D tensor}`` in ``module.parameters()`` order.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.fill_(1.0)
+        >>> x, y = torch.tensor([[1.0], [2.0]]), torch.zeros(2, 1)
+        >>> per_layer_fisher_diagonal(model, torch.nn.functional.mse_loss, x, y)
+        {'0': tensor([34.])}
+    """
+    layers = select_layers(model, layer_types)
+    selected = [p for params in layers.values() for p in params]
+    with _differentiating_only(model, selected):
+        diag = empirical_fisher_diagonal_of(model, loss_fn, inputs, targets, create_graph)
+    return _by_layer(model, layers, diag)
+
+
+def get_layer_curvature_stats(
+    layer_curvatures: dict[str, Tensor],
+) -> dict[str, dict[str, float]]:
+    r"""Summary statistics of each layer's curvature values.
+
+    For each layer with values :math:`d \in \mathbb{R}^k`: ``mean``, ``std``
+    (Bessel-corrected, as 0.0.1; ``0.0`` for a single value, where 0.0.1 gave
+    ``nan``), ``max``, ``min``, ``norm`` (:math:`\|d\|_2`), ``abs_mean``
+    (:math:`\frac1k\sum|d_j|`) and ``sum`` (for a Hessian diagonal: the trace of
+    the layer's block).  Computed in float64.
+
+    Args:
+        layer_curvatures: ``{layer name: tensor}``, e.g. from
+            :func:`per_layer_hessian_diagonal`.
+
+    Returns:
+        ``{layer name: {statistic: float}}``.
+
+    Raises:
+        TypeError: not a dict of tensors.
+        ValueError: a tensor is empty.
+
+    Example:
+        >>> import torch
+        >>> stats = get_layer_curvature_stats({"fc": torch.tensor([3.0, 4.0])})
+        >>> stats["fc"]["norm"], stats["fc"]["mean"], stats["fc"]["sum"]
+        (5.0, 3.5, 7.0)
+    """
+    if not isinstance(layer_curvatures, dict):
+        raise TypeError(
+            "layer_curvatures must be a dict {layer name: tensor}, "
+            f"got {type(layer_curvatures).__name__}"
+        )
+    stats = {}
+    for name, values in layer_curvatures.items():
+        if not isinstance(values, Tensor):
+            raise TypeError(
+                f"layer_curvatures[{name!r}] must be a torch.Tensor, got {type(values).__name__}"
+            )
+        if values.numel() == 0:
+            raise ValueError(f"layer_curvatures[{name!r}] is empty: no statistics to compute")
+        d = values.detach().reshape(-1).to(torch.float64)
+        stats[name] = {
+            "mean": float(d.mean()),
+            "std": float(d.std()) if d.numel() > 1 else 0.0,
+            "max": float(d.max()),
+            "min": float(d.min()),
+            "norm": float(d.norm()),
+            "abs_mean": float(d.abs().mean()),
+            "sum": float(d.sum()),
+        }
+    return stats
