@@ -1,0 +1,313 @@
+r"""Top eigenvalues and eigenvectors of a Hessian or any symmetric matrix-vector product.
+
+Thin wrappers, with torch-secorder 0.0.1's signatures, around the model-free solvers
+of :mod:`torch_secorder.linalg.eigen`:
+
+* :func:`power_iteration`: block power iteration with Rayleigh-Ritz and deflation;
+* :func:`lanczos` (alias :func:`lanczos_iteration`): Lanczos with full
+  reorthogonalisation;
+* :func:`model_eigenvalues` (alias :func:`estimate_eigenvalues`): either of them
+  on the Hessian of ``loss_fn(model, data, target)``, whose products come from
+  the engine.
+
+By default the eigenvalues of largest magnitude are returned, as in 0.0.1, in
+decreasing :math:`|\lambda|`.  The keyword ``which`` selects others: ``"LA"``
+(largest algebraic, decreasing) or ``"SA"`` (smallest algebraic, increasing: the
+most negative curvature).  Both solvers stop when every wanted Ritz pair
+:math:`(\theta, y)` has :math:`\|A y - \theta y\| \le \mathrm{tol}\cdot|\theta|`
+(see :mod:`torch_secorder.linalg.eigen`), or after ``num_iterations``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder.core._inputs import check_module
+from torch_secorder.core._problem import closure_problem
+from torch_secorder.func._tree import tree_unravel
+from torch_secorder.linalg.eigen import EigenResult, lanczos_eigsh, subspace_iteration
+
+__all__ = [
+    "estimate_eigenvalues",
+    "lanczos",
+    "lanczos_iteration",
+    "model_eigenvalues",
+    "power_iteration",
+]
+
+METHODS = ("lanczos", "power_iteration")
+
+
+def _default_device(device: torch.device | str | None) -> torch.device:
+    if device is None:  # 0.0.1's default
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def power_iteration(
+    matrix_vector_product: Callable[[Tensor], Tensor],
+    dim: int,
+    num_iterations: int = 100,
+    num_vectors: int = 1,
+    tol: float = 1e-6,
+    device: torch.device | str | None = None,
+    *,
+    which: str = "LM",
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Top ``num_vectors`` eigenpairs of a symmetric matrix by block power iteration.
+
+    The block of ``num_vectors`` vectors is multiplied by :math:`A`, rotated to the
+    Ritz vectors of :math:`X A X^\top`, and converged vectors are locked and
+    projected out of the rest (deflation).  See
+    :func:`~torch_secorder.linalg.eigen.subspace_iteration`.
+
+    Args:
+        matrix_vector_product: :math:`V \mapsto A V` on a ``(dim, b)`` matrix of
+            column vectors (as in 0.0.1; a ``(dim,)`` result is accepted for
+            ``b = 1``).
+        dim: Size of the matrix.
+        num_iterations: Largest number of block products.
+        num_vectors: Number of eigenpairs.
+        tol: Relative residual tolerance.
+        device: Device of the vectors (default: CUDA if available, else CPU, as 0.0.1).
+        which: ``"LM"`` (largest magnitude, default, as 0.0.1), ``"LA"``
+            (largest algebraic) or ``"SA"`` (smallest algebraic).
+        dtype: Dtype of the vectors (default: torch's default dtype).
+        generator: Source of the random start.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: ``(num_vectors,)`` and ``(dim, num_vectors)``
+        (one eigenvector per column, orthonormal).
+
+    Differences from 0.0.1: stops on the residuals of the Ritz pairs rather than
+    on the change of the eigenvalues; the eigenvectors are Ritz vectors of the
+    block (0.0.1 returned ``A^t X`` orthonormalised, without the final rotation);
+    ``which``, ``dtype``, ``generator`` are new.
+
+    Example:
+        >>> import torch
+        >>> A = torch.diag(torch.tensor([1.0, -4.0, 2.0], dtype=torch.float64))
+        >>> vals, vecs = power_iteration(lambda V: A @ V, 3, 500, 2, tol=1e-10,
+        ...                              device="cpu", dtype=torch.float64)
+        >>> [round(float(v), 6) for v in vals], tuple(vecs.shape)
+        ([-4.0, 2.0], (3, 2))
+    """
+    _check_count(num_iterations, "num_iterations")
+    _check_count(num_vectors, "num_vectors")
+    if not callable(matrix_vector_product):
+        raise TypeError(
+            f"matrix_vector_product must be callable, got {type(matrix_vector_product).__name__}"
+        )
+
+    def matmat(V: Tensor) -> Tensor:
+        out = matrix_vector_product(V.T)
+        if isinstance(out, Tensor) and out.shape == (V.shape[1],) and V.shape[0] == 1:
+            out = out[:, None]
+        return out.T if isinstance(out, Tensor) and out.ndim == 2 else out
+
+    res = subspace_iteration(
+        matmat,
+        dim,
+        num_vectors,
+        which=which,
+        max_iter=num_iterations,
+        tol=tol,
+        dtype=dtype,
+        device=_default_device(device),
+        generator=generator,
+    )
+    return res.eigenvalues, res.eigenvectors.T
+
+
+def lanczos(
+    matrix_vector_product: Callable[[Tensor], Tensor],
+    dim: int,
+    num_iterations: int = 100,
+    num_vectors: int = 1,
+    tol: float = 1e-6,
+    device: torch.device | str | None = None,
+    *,
+    which: str = "LM",
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Top ``num_vectors`` eigenpairs of a symmetric matrix by Lanczos (full reorthogonalisation).
+
+    See :func:`~torch_secorder.linalg.eigen.lanczos_eigsh`.
+
+    Args:
+        matrix_vector_product: :math:`v \mapsto A v` on a ``(dim,)`` vector (as 0.0.1).
+        dim: Size of the matrix.
+        num_iterations: Largest Krylov dimension (matrix-vector products).
+        num_vectors: Number of eigenpairs.
+        tol: Relative residual tolerance of the Ritz pairs.
+        device: Device of the vectors (default: CUDA if available, else CPU, as 0.0.1).
+        which: ``"LM"`` (largest magnitude, default, as 0.0.1), ``"LA"``
+            (largest algebraic) or ``"SA"`` (smallest algebraic).
+        dtype: Dtype of the vectors (default: torch's default dtype).
+        generator: Source of the random start vector.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: ``(num_vectors,)`` and ``(dim, num_vectors)``.
+
+    Differences from 0.0.1: 0.0.1 did not reorthogonalise (spurious copies of
+    converged eigenvalues), always ran ``num_iterations`` steps unless the
+    recurrence broke down (``tol`` was that threshold), sorted by algebraic value
+    although it promised the largest, and failed for ``num_iterations=1``.
+    ``tol`` now bounds the relative residuals.
+
+    Example:
+        >>> import torch
+        >>> A = torch.diag(torch.tensor([1.0, -4.0, 2.0], dtype=torch.float64))
+        >>> vals, vecs = lanczos(lambda v: A @ v, 3, num_vectors=2, device="cpu",
+        ...                      dtype=torch.float64)
+        >>> [round(float(v), 10) for v in vals]
+        [-4.0, 2.0]
+        >>> vals, _ = lanczos(lambda v: A @ v, 3, device="cpu", dtype=torch.float64, which="LA")
+        >>> round(float(vals[0]), 10)
+        2.0
+    """
+    _check_count(num_iterations, "num_iterations")
+    _check_count(num_vectors, "num_vectors")
+    if not callable(matrix_vector_product):
+        raise TypeError(
+            f"matrix_vector_product must be callable, got {type(matrix_vector_product).__name__}"
+        )
+
+    def matmat(V: Tensor) -> Tensor:
+        return torch.stack([matrix_vector_product(v) for v in V])
+
+    res = lanczos_eigsh(
+        matmat,
+        dim,
+        num_vectors,
+        which=which,
+        max_iter=num_iterations,
+        tol=tol,
+        dtype=dtype,
+        device=_default_device(device),
+        generator=generator,
+    )
+    return res.eigenvalues, res.eigenvectors.T
+
+
+#: 0.0.1's other name for :func:`lanczos`.
+lanczos_iteration = lanczos
+
+
+def model_eigenvalues(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any, Any], Tensor],
+    data: Any,
+    target: Any,
+    num_eigenvalues: int = 1,
+    method: str = "lanczos",
+    num_iterations: int = 100,
+    tol: float = 1e-6,
+    device: torch.device | str | None = None,
+    *,
+    which: str = "LM",
+    generator: torch.Generator | None = None,
+    strategy: str = "auto",
+) -> tuple[Tensor, list[list[Tensor]]]:
+    r"""Extreme eigenpairs of the Hessian of ``loss_fn(model, data, target)`` w.r.t. the parameters.
+
+    The Hessian is never formed: the solver uses Hessian-vector products from the
+    engine (:meth:`~torch_secorder.core._problem.LossProblem.matmat`).  Nothing of
+    the model changes (parameters, ``.grad``, ``requires_grad``, training flags,
+    buffers), also on error; in training mode dropout uses one fixed mask.
+
+    Args:
+        model: The network; its parameters are the variables.  Parameters that
+            do not require grad are held fixed (zero entries in the eigenvectors).
+        loss_fn: ``loss_fn(model, data, target)`` returning a scalar.
+        data: Passed to ``loss_fn``.
+        target: Passed to ``loss_fn``.
+        num_eigenvalues: Number of eigenpairs.
+        method: ``"lanczos"`` or ``"power_iteration"``.
+        num_iterations: Largest number of products (Lanczos) or block products
+            (power iteration).
+        tol: Relative residual tolerance.
+        device: Device of the returned tensors (default: the parameters').
+        which: ``"LM"`` (largest magnitude, default, as 0.0.1), ``"LA"`` or
+            ``"SA"`` (most negative curvature).
+        generator: Source of the random start (on the parameters' device).
+        strategy: How Hessian products are computed (see
+            :data:`torch_secorder.core._problem.STRATEGIES`).
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: a ``(num_eigenvalues,)`` tensor and a
+        list of ``num_eigenvalues`` eigenvectors, each a list of tensors shaped
+        like ``model.parameters()``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``loss_fn`` not callable.
+        ValueError: unknown ``method`` or ``which``, bad counts.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> loss = lambda m, x, y: ((m(x) - y) ** 2).sum()
+        >>> vals, vecs = model_eigenvalues(model, loss, x, torch.zeros(2, 1), 2)
+        >>> [round(float(v), 4) for v in vals], len(vecs), vecs[0][0].shape
+        ([8.0, 2.0], 2, torch.Size([1, 2]))
+    """
+    check_module(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_count(num_eigenvalues, "num_eigenvalues")
+    _check_count(num_iterations, "num_iterations")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("model has no parameters: nothing to differentiate")
+
+    def closure() -> Tensor:
+        return loss_fn(model, data, target)
+
+    with closure_problem(
+        closure, params, model=model, name="loss_fn(model, data, target)"
+    ) as problem:
+        if not problem.active:
+            raise ValueError("no parameter of model requires grad: nothing to differentiate")
+        solver = lanczos_eigsh if method.lower() == "lanczos" else subspace_iteration
+        res: EigenResult = solver(
+            problem.matmat(strategy),
+            problem.dim,
+            num_eigenvalues,
+            which=which,
+            max_iter=num_iterations,
+            tol=tol,
+            dtype=problem.dtype,
+            device=problem.device,
+            generator=generator,
+        )
+        vectors = [
+            problem.expand(list(tree_unravel(row, list(problem.primals))))
+            for row in res.eigenvectors
+        ]
+    values = res.eigenvalues
+    if device is not None:
+        values = values.to(device)
+        vectors = [[t.to(device) for t in vec] for vec in vectors]
+    return values, vectors
+
+
+#: 0.0.1's other name for :func:`model_eigenvalues`.
+estimate_eigenvalues = model_eigenvalues
