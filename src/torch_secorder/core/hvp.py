@@ -202,14 +202,24 @@ def problem_fd_hvp(problem: LossProblem, v: list[Tensor], levels: int = 1) -> li
     if v_norm == 0.0:
         return problem.expand([torch.zeros_like(p) for p in like])
     h = fd_step(float(theta.norm()), v_norm, theta.dtype, levels)
-    gradient = torch.func.grad(lambda flat: problem.pure(tuple(tree_unravel(flat, like))))
+    vs = [v[i].detach().to(theta.dtype) for i in problem.active]
+
+    def gradient(step: float) -> Tensor:
+        # The shifted point is made of new leaf tensors substituted for the user's
+        # parameters while the loss runs: the parameters themselves are never written.
+        shifted = tuple((p + step * d).requires_grad_(True) for p, d in zip(like, vs, strict=True))
+        with torch.enable_grad():
+            loss = problem.pure(shifted)
+            if not loss.requires_grad:  # func does not depend on the tensors
+                return torch.zeros_like(theta)
+            grads = torch.autograd.grad(loss, shifted, allow_unused=True)
+        pieces = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like, strict=True)]
+        return tree_ravel(pieces)
+
     table: list[Tensor] = []
     for j in range(levels):
         step = h / 2**j
-        # The shifted points are new tensors: the user's parameters are never written.
-        diff = (gradient(theta + step * direction) - gradient(theta - step * direction)) / (
-            2 * step
-        )
+        diff = (gradient(step) - gradient(-step)) / (2 * step)
         # Richardson: D(h) = Hv + c1 h^2 + c2 h^4 + ...; each column removes one power.
         row = [diff]
         for m in range(1, j + 1):
