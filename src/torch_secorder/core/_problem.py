@@ -107,7 +107,18 @@ class LossProblem:
         if strategy == "vmap":
             from torch_secorder.func.hvp import hessian_matmat
 
-            return hessian_matmat(self.pure, self.primals, chunk_size=chunk_size)
+            engine_matmat = hessian_matmat(self.pure, self.primals, chunk_size=chunk_size)
+            cuda = [self.device] if self.device.type == "cuda" else []
+
+            def vmap_matmat(flat: Tensor) -> Tensor:
+                # Every loss evaluation rewinds the global RNG (one dropout mask for all
+                # products); restore the stream afterwards, else random draws between
+                # calls (Hutchinson probes without a generator) repeat from call to call.
+                with torch.random.fork_rng(devices=cuda):
+                    return engine_matmat(flat)
+
+            vmap_matmat.dim = engine_matmat.dim  # type: ignore[attr-defined]
+            return vmap_matmat
         grads = self.graph_grads()
         tensors = [self.params[i] for i in self.active]
         used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
