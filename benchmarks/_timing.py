@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -15,7 +16,22 @@ from typing import Any, TextIO
 
 import torch
 
-__all__ = ["print_table", "sync", "time_call"]
+__all__ = ["busy_warning", "print_table", "sync", "time_call"]
+
+
+def busy_warning(threshold: float = 0.5) -> str | None:
+    """A warning string if the 1-minute load average exceeds ``threshold`` (else None).
+
+    Other processes on a small (e.g. 2-core) machine make CPU timings swing by
+    10x; benchmarks print this before their tables.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return None
+    if load > threshold:
+        return f"warning: 1-min load average is {load:.2f}; timings will be noisy"
+    return None
 
 
 def sync() -> None:
