@@ -7,10 +7,11 @@ r"""The dense generalised Gauss-Newton matrix of a model's loss.
 
 for the whole batch (:math:`M` = number of output entries, :math:`n` = number of
 parameters that require grad, flattened and concatenated in the order of
-``model.parameters()``).  :math:`J` comes from :func:`torch.func.jacrev` (or
-:func:`torch.func.jacfwd` when :math:`M > n`); :math:`H_{\mathrm{out}}` from
-:func:`torch.func.hessian` of the loss as a function of the outputs when
-:math:`M \le n`, else as Hessian-vector products with the columns of :math:`J`.
+``model.parameters()``).  :math:`J` comes from ``vmap`` over :math:`M`
+vector-Jacobian products (or over :math:`n` Jacobian-vector products when
+:math:`M > n`); :math:`H_{\mathrm{out}}` from vmapped Hessian-vector products of
+the loss as a function of the outputs: the dense :math:`M \times M` matrix when
+:math:`M \le n`, else its products with the columns of :math:`J`.
 It is the Hessian with the second derivatives of the network dropped, positive
 semi-definite when the loss is convex in the outputs; for cross-entropy and
 squared error it equals the type-2 Fisher (see
@@ -25,11 +26,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacfwd, jacrev, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 
 from torch_secorder.core._inputs import check_loss, check_module
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.func._fixes import differentiable
+from torch_secorder.func._tree import tree_unravel
 from torch_secorder.func.hvp import hvp
 from torch_secorder.linalg.trace import chunk_ranges
 
@@ -143,18 +145,24 @@ def gauss_newton_matrix_approximation(
             )
 
         point = {name: (p if create_graph else p.detach()) for name, p in active}
+        # Jacobian and loss Hessian by vmapped vjp / jvp / hvp over identity bases
+        # (torch.func.jacrev/jacfwd/hessian fill their bases in place, which the
+        # state preservation would undo under a create_graph result).
         with torch.enable_grad():
+            out, vjp_fn = vjp(out_fn, point)
+            o = out if create_graph else out.detach()
             if m <= n:
-                jac = jacrev(out_fn)(point)
+                basis = torch.eye(m, dtype=out.dtype, device=out.device).reshape(m, *out.shape)
+                jac = vmap(vjp_fn)(basis)[0]
+                J = torch.cat([jac[name].reshape(m, -1) for name in names], dim=1)  # (M, n)
+                H = vmap(lambda e: hvp(loss_of_out, o, e))(basis).reshape(m, m)
+                HJ = H @ J
             else:
-                jac = jacfwd(out_fn, randomness="same")(point)
-            J = torch.cat([jac[name].reshape(m, -1) for name in names], dim=1)  # (M, n)
-            out = out_fn(point)
-            if m <= n:
-                H = hessian(loss_of_out)(out.detach() if not create_graph else out)
-                HJ = H.reshape(m, m) @ J
-            else:
-                o = out.detach() if not create_graph else out
+                eye = torch.eye(n, dtype=out.dtype, device=out.device)
+                tangents = dict(zip(names, tree_unravel(eye, [p for _, p in active]), strict=True))
+                J = vmap(lambda t: jvp(out_fn, (point,), (t,))[1].reshape(m), randomness="same")(
+                    tangents
+                ).T  # (M, n)
                 cols = J.T.reshape(n, *out.shape)
                 step = chunk_size or max(1, 2**24 // max(m, 1))
                 pieces = [

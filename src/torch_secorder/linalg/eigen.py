@@ -159,6 +159,15 @@ def ritz_pairs(
     return theta[idx], S, (betas[m - 1] * S[m - 1]).abs()
 
 
+def _ritz(alphas: list[float], betas: list[float], k: int, which: str):
+    return ritz_pairs(
+        torch.tensor(alphas, dtype=torch.float64),
+        torch.tensor(betas, dtype=torch.float64),
+        k,
+        which,
+    )
+
+
 def lanczos_eigsh(
     matmat: Matmat,
     dim: int,
@@ -217,6 +226,8 @@ def lanczos_eigsh(
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     m_max = min(max_iter, dim)
+    if m_max < k:
+        raise ValueError(f"max_iter must be >= the number of eigenpairs k={k}, got {max_iter}")
     if v0 is not None:
         if v0.shape != (dim,):
             raise ValueError(f"v0 must have shape ({dim},), got {tuple(v0.shape)}")
@@ -226,6 +237,8 @@ def lanczos_eigsh(
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     eps = torch.finfo(dtype).eps
+    # beta below this (relative to ||A||) means an invariant subspace: restart there
+    breakdown_tol = eps**0.75
 
     def random_vector() -> Tensor:
         return torch.randn(dim, generator=generator, dtype=dtype, device=device)
@@ -241,6 +254,7 @@ def lanczos_eigsh(
     anorm = 0.0
     m = 0
     block_start = 0  # where the current Krylov sequence began (restarts after breakdown)
+    last_check = 0
     for j in range(m_max):
         Q[j] = q
         w = _apply(matmat, q[None])[0]
@@ -255,14 +269,18 @@ def lanczos_eigsh(
         alphas.append(float(alpha))
         betas.append(float(beta))
         m = j + 1
-        a64 = torch.tensor(alphas, dtype=torch.float64)
-        b64 = torch.tensor(betas, dtype=torch.float64)
-        theta, S, residuals = ritz_pairs(a64, b64, k, which)
-        anorm = max(anorm, float(theta.abs().max()), abs(alphas[-1]))
-        breakdown = betas[-1] <= eps * max(anorm, torch.finfo(dtype).tiny) * math.sqrt(dim)
+        anorm = max(anorm, abs(alphas[-1]), betas[-1])
+        breakdown = betas[-1] <= breakdown_tol * max(anorm, torch.finfo(dtype).tiny)
+        # The Ritz pairs (an eigendecomposition of T_m) are checked after every step
+        # up to 20, then every m // 10 steps (at most 10% more products than needed).
+        due = m - block_start >= k and (m <= 20 or m - last_check >= m // 10)
+        if m == m_max or breakdown or due:
+            last_check = m
+            theta, S, residuals = _ritz(alphas, betas, k, which)
+            anorm = max(anorm, float(theta.abs().max()))
         if m == m_max:
             break
-        if m - block_start >= k and not breakdown:
+        if due and not breakdown:
             bound = tol * torch.clamp(theta.abs(), min=math.sqrt(eps) * anorm)
             if bool((residuals <= bound).all()):
                 break
