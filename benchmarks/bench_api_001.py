@@ -33,8 +33,8 @@ def max_diff(a, b) -> float:
     return max(float((x.detach() - y.detach()).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def paired_times(mine, theirs, repeats: int) -> tuple[float, float]:
-    """Median times of both, measured alternately so that machine load hits both alike."""
+def paired_times(mine, theirs, repeats: int) -> tuple[list[float], list[float]]:
+    """Times of both, measured alternately so that machine load hits both alike."""
     mine()
     if repeats > 1:
         theirs()
@@ -43,7 +43,7 @@ def paired_times(mine, theirs, repeats: int) -> tuple[float, float]:
         ours_t.append(time_call(mine, repeats=1, warmup=0))
         if i < repeats:
             old_t.append(time_call(theirs, repeats=1, warmup=0))
-    return statistics.median(ours_t), statistics.median(old_t)
+    return ours_t, old_t
 
 
 def main() -> None:
@@ -214,7 +214,8 @@ def main() -> None:
     rows = []
     for label, mine, theirs, repeats, compare in cases:
         t_ours, t_old = paired_times(mine, theirs, repeats)
-        row = {"case": label, "ours": t_ours, "0.0.1": t_old}
+        row = {"case": label, "ours": statistics.median(t_ours), "0.0.1": statistics.median(t_old)}
+        row["_min_ratio"] = min(t_old) / min(t_ours)
         if compare:
             row["max |ours - 0.0.1|"] = None
             row["_diff"] = max_diff(mine(), theirs())
@@ -222,7 +223,11 @@ def main() -> None:
     printable = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     for r in printable:
         r.pop("max |ours - 0.0.1|", None)
+    print("median times, (0.0.1 / ours):")
     print_table(printable, ours="ours")
+    print("\nratio of the fastest runs, 0.0.1 / ours (less sensitive to machine load):")
+    for r in rows:
+        print(f"  {r['case']}: {r['_min_ratio']:.2f}x")
     print("\nagreement where both compute the same quantity (max abs difference):")
     for r in rows:
         if "_diff" in r:

@@ -119,6 +119,8 @@ def test_damping_zero_vector_and_frozen_tensor():
     assert_close(got[1], 0.5 * v[1])
     zero = approximate_hvp(func, [x], torch.zeros(2, dtype=DTYPE), damping=3.0)
     assert torch.equal(zero, torch.zeros(2, dtype=DTYPE))
+    unused = approximate_hvp(lambda: w.sum() ** 2, [x], v[0], damping=0.5)
+    assert torch.equal(unused, 0.5 * v[0])
 
 
 def test_parameters_unchanged_when_func_raises():

@@ -127,6 +127,10 @@ def test_create_graph():
     fisher = per_layer_fisher_diagonal(model, F.mse_loss, x, y, create_graph=True)
     for d in (*hess.values(), *fisher.values()):
         assert d.requires_grad
+    # the differentiable route computes the same numbers as the plain one (and the oracle)
+    layers = direct_layers(model)
+    assert_close(fisher, expected_layers(dense_fisher_diagonal(model, F.mse_loss, x, y), layers))
+    assert_close(fisher, per_layer_fisher_diagonal(model, F.mse_loss, x, y))
     # d/dθ of the Fisher diagonal of the last layer's bias: (2/N) Σ_i 2 r_i * J_i, by oracle.
     (grad_w,) = torch.autograd.grad(fisher["2"][-1], [model[2].bias])
     r = (model(x) - y).detach()

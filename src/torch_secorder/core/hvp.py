@@ -340,8 +340,9 @@ def gauss_newton_product(
     (:math:`J^\top w`).  For MSE and cross-entropy :math:`H_{\text{out}}` is
     positive semi-definite, and so is :math:`G`.
 
-    Differences from 0.0.1: the same quantity; 0.0.1 built :math:`J v` with one
-    backward pass per output entry.
+    Differences from 0.0.1: 0.0.1 built :math:`J v` with one backward pass per
+    output entry, then detached the output before its last VJP and so returned
+    zeros for every parameter.
 
     Args:
         model: The network (``torch.nn.Module``; anything else raises ``TypeError``).

@@ -161,18 +161,21 @@ def _batch_size(inputs: Any, targets: Any) -> int:
     return targets.shape[0]
 
 
-def empirical_fisher_diagonal_of(
+def _empirical_fisher_diagonal_with_graph(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     inputs: Any,
     targets: Any,
     create_graph: bool = False,
 ) -> list[Tensor]:
-    r""":math:`\frac1N\sum_i g_i \odot g_i` for the parameters that require grad (zeros elsewhere).
+    r""":math:`\frac1N\sum_i g_i \odot g_i` with its graph kept (zeros for frozen tensors).
 
-    :math:`g_i` is the gradient of ``loss_fn(model(x_i[None]), y_i[None])``,
-    computed by vmapped per-sample gradients over chunks of samples.  Samples
-    must not interact (no batch norm in training mode).
+    The same quantity as
+    :func:`torch_secorder.approximations.fisher_diagonal.empirical_fisher_diagonal`
+    (used when no graph is needed), differentiable.  :math:`g_i` is the gradient
+    of ``loss_fn(model(x_i[None]), y_i[None])``, computed by vmapped per-sample
+    gradients over chunks of samples.  Samples must not interact (no batch norm
+    in training mode).
     """
     n = _batch_size(inputs, targets)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -219,8 +222,9 @@ def per_layer_fisher_diagonal(
 
     the diagonal of the empirical Fisher :math:`\frac1N\sum_i g_i g_i^\top`
     restricted to layer :math:`\ell`, from per-sample gradients (vmap), all
-    layers in one pass.  Samples must not interact (no batch norm in training
-    mode).
+    layers in one pass of
+    :func:`~torch_secorder.approximations.fisher_diagonal.empirical_fisher_diagonal`.
+    Samples must not interact (no batch norm in training mode).
 
     Differences from 0.0.1: 0.0.1 squared the batch gradient,
     :math:`(\frac1N\sum_i g_i)^{\odot 2}`, which is not the empirical Fisher;
@@ -254,7 +258,12 @@ def per_layer_fisher_diagonal(
     layers = select_layers(model, layer_types)
     selected = [p for params in layers.values() for p in params]
     with _differentiating_only(model, selected):
-        diag = empirical_fisher_diagonal_of(model, loss_fn, inputs, targets, create_graph)
+        if create_graph:
+            diag = _empirical_fisher_diagonal_with_graph(model, loss_fn, inputs, targets, True)
+        else:
+            from torch_secorder.approximations.fisher_diagonal import empirical_fisher_diagonal
+
+            diag = empirical_fisher_diagonal(model, loss_fn, inputs, targets)
     return _by_layer(model, layers, diag)
 
 
