@@ -33,6 +33,8 @@ nitpicky = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True
+# A "Returns:" line "x: text" shows as "x -- text" (not as a separate "Return type").
+napoleon_use_rtype = False
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
