@@ -26,6 +26,7 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["DifferentiableOpsMode", "differentiable"]
@@ -73,11 +74,18 @@ class DifferentiableOpsMode(TorchFunctionMode):
 
 
 def differentiable(f: Fn) -> Fn:
-    """``f`` with every call run under :class:`DifferentiableOpsMode`."""
+    """``f`` with every call run under :class:`DifferentiableOpsMode` and the math SDPA kernel.
+
+    The mode does not see calls made inside a Python function that it dispatches
+    (a mode is off while it handles a call), e.g. ``F.scaled_dot_product_attention``
+    inside ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer``); :func:`torch.nn.attention.sdpa_kernel` restricted
+    to the math backend covers those.
+    """
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
-        with DifferentiableOpsMode():
+        with DifferentiableOpsMode(), sdpa_kernel(SDPBackend.MATH):
             return f(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
