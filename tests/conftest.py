@@ -43,12 +43,14 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "ACTIVATIONS",
     "LOSSES",
     "TOL",
     "Problem",
+    "ReferenceNorms",
     "assert_close",
     "cubic_problems",
     "dense_hessian",
@@ -115,16 +117,81 @@ def assert_close(actual: Any, expected: Any, tol: float = TOL) -> None:
 # ----------------------------------------------------------------------------- oracle
 
 
+def _reference_normalise(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    mean = x.mean(dim=dims, keepdim=True)
+    return (x - mean) / torch.sqrt(x.var(dim=dims, correction=0, keepdim=True) + eps)
+
+
+def _reference_affine(out: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    shape = (1, -1) + (1,) * (out.dim() - 2)
+    out = out if weight is None else out * weight.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+def _reference_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    out = _reference_normalise(
+        input, tuple(range(input.dim() - len(normalized_shape), input.dim())), eps
+    )
+    out = out if weight is None else out * weight
+    return out if bias is None else out + bias
+
+
+def _reference_batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    if training or running_mean is None:
+        out = _reference_normalise(input, (0, *range(2, input.dim())), eps)
+    else:
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        out = (input - running_mean.reshape(shape)) / torch.sqrt(running_var.reshape(shape) + eps)
+    return _reference_affine(out, weight, bias)
+
+
+def _reference_instance_norm(
+    input,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
+):
+    assert use_input_stats, "the oracle supports instance norm with input statistics only"
+    return _reference_affine(
+        _reference_normalise(input, tuple(range(2, input.dim())), eps), weight, bias
+    )
+
+
+class ReferenceNorms(TorchFunctionMode):
+    """Layer, batch and instance norm from elementary operators, for the oracle.
+
+    torch 2.13's double backward of ``F.layer_norm``, training-mode ``F.batch_norm`` and
+    ``F.instance_norm`` is wrong (the mixed second derivative weight/input differs from
+    input/weight: an asymmetric Hessian); these compositions have exact derivatives.
+    Batch statistics never update running statistics here.
+    """
+
+    _impl = {
+        F.layer_norm: _reference_layer_norm,
+        F.batch_norm: _reference_batch_norm,
+        F.instance_norm: _reference_instance_norm,
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self._impl.get(func, func)(*args, **(kwargs or {}))
+
+
 def dense_hessian(f: Callable[[Any], Tensor], params: Any) -> Tensor:
     """The dense ``(n, n)`` Hessian of ``f`` at ``params``, leaves flattened as :func:`ravel`.
 
     Computed by :func:`torch.func.hessian` of ``x -> f(unravel(x, params))``, under the
     math kernel of ``scaled_dot_product_attention`` (the only one with derivatives of
-    every order). ``params`` may be any pytree (a dict, a list).
+    every order) and :class:`ReferenceNorms`. ``params`` may be any pytree (a dict, a list).
     """
     like = optree.tree_map(lambda t: t.detach(), params)
     flat = ravel(like)
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), ReferenceNorms():
         return torch.func.hessian(lambda x: f(unravel(x, like)))(flat)
 
 

@@ -15,6 +15,14 @@ forward-over-reverse AD and double backward:
   mode also turns off the native fast paths of ``nn.MultiheadAttention`` and
   ``nn.TransformerEncoderLayer`` (they check for torch-function overrides).
 
+* ``F.layer_norm``, ``F.batch_norm`` with batch statistics (training mode) and
+  ``F.instance_norm``: their double backward is wrong in torch 2.13 (the second
+  derivative of the loss with respect to the norm's weight, then its input, does
+  not match the other order: an asymmetric Hessian); computed from ``mean``,
+  ``rsqrt`` and arithmetic, the same values with correct derivatives.  Batch
+  statistics are used without updating running statistics (an in-place update of
+  a captured buffer is an error inside ``torch.func`` transforms anyway).
+
 :func:`differentiable` wraps a loss so that every call runs under the mode.
 """
 
@@ -59,7 +67,58 @@ def _math_sdpa(
     )[0]
 
 
-_REROUTES = {F.mse_loss: _mse_loss, F.scaled_dot_product_attention: _math_sdpa}
+def _normalise(input, dims, eps):
+    mean = input.mean(dims, keepdim=True)
+    centred = input - mean
+    return centred * torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    out = _normalise(input, tuple(range(-len(normalized_shape), 0)), eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+def _channel_affine(out, weight, bias):
+    shape = (1, -1) + (1,) * (out.dim() - 2)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+def _batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+    eps=1e-5,
+):
+    if not training and running_mean is not None and running_var is not None:
+        # Running statistics: an affine map, whose derivatives torch gets right.
+        return F.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    out = _normalise(input, (0, *range(2, input.dim())), eps)
+    return _channel_affine(out, weight, bias)
+
+
+def _instance_norm(
+    input, running_mean=None, running_var=None, weight=None, bias=None,
+    use_input_stats=True, momentum=0.1, eps=1e-5,
+):
+    if not use_input_stats:
+        return F.instance_norm(
+            input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
+        )
+    out = _normalise(input, tuple(range(2, input.dim())), eps)
+    return _channel_affine(out, weight, bias)
+
+
+_REROUTES = {
+    F.mse_loss: _mse_loss,
+    F.scaled_dot_product_attention: _math_sdpa,
+    F.layer_norm: _layer_norm,
+    F.batch_norm: _batch_norm,
+    F.instance_norm: _instance_norm,
+}
 
 
 class DifferentiableOpsMode(TorchFunctionMode):
