@@ -3,8 +3,15 @@ r"""The exact Hessian diagonal of a closure or a model's loss.
 .. math::
     \operatorname{diag}(H)_i = \frac{\partial^2 L}{\partial \theta_i^2}.
 
-Computed exactly (never estimated): by the engine's chunked one-hot sweep
-(:func:`torch_secorder.func.hessian_diagonal`), one Hessian-vector product per
+Computed exactly (never estimated).  For a model's loss
+(:func:`model_hessian_diagonal`, and the exact :func:`model_hessian_trace`) the
+engine's :func:`~torch_secorder.func.fast_hessian_diagonal` picks, per parameter,
+the cheapest exact route: a closed-form backward pass for linear/activation
+chains, a few products per layer for parameters read by one affine layer
+(linear, convolution, embedding, normalisation affine) whose rows do not
+interact, and the chunked one-hot sweep for the rest.  Closures, and
+``create_graph=True``, always take the sweep
+(:func:`torch_secorder.func.hessian_diagonal`): one Hessian-vector product per
 parameter entry, vmapped ``chunk_size`` at a time.
 """
 
@@ -18,6 +25,7 @@ from torch import Tensor, nn
 from torch_secorder.core._inputs import as_vector_list
 from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
 from torch_secorder.func import diagonal as _engine
+from torch_secorder.func import fast_diagonal as _fast
 
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
 
@@ -25,12 +33,18 @@ __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
 def active_hessian_diagonal(
     problem: LossProblem, chunk_size: int | None = None, progress: bool = True
 ) -> list[Tensor]:
-    """Exact diagonal blocks of the problem's active tensors (engine sweep)."""
+    """Exact diagonal blocks of the problem's active tensors.
+
+    Module problems (without ``create_graph``) go through
+    :func:`~torch_secorder.func.fast_hessian_diagonal`; the rest through the sweep.
+    """
     if not problem.active:
         return []
-    return list(
-        _engine.hessian_diagonal(problem.pure, problem.primals, chunk_size, progress)
-    )
+    if problem.model is not None and not problem.create_graph:
+        return list(
+            _fast.fast_hessian_diagonal(problem.pure, problem.primals, chunk_size, progress)
+        )
+    return list(_engine.hessian_diagonal(problem.pure, problem.primals, chunk_size, progress))
 
 
 def hessian_diagonal(

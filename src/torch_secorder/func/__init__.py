@@ -9,12 +9,16 @@ generator, and neither syncs with the host nor writes into its inputs.
 
 from torch_secorder.func._tree import tree_numel, tree_ravel, tree_unravel
 from torch_secorder.func.diagonal import hessian_diagonal, hessian_trace
+from torch_secorder.func.fast_diagonal import diagonal_plan, fast_hessian_diagonal, ggn_diagonal
 from torch_secorder.func.hvp import hessian_matmat, hvp, hvp_batched
 from torch_secorder.func.trace import hutchinson_trace, hutchinson_trace_estimate
 from torch_secorder.linalg.trace import TraceEstimate
 
 __all__ = [
     "TraceEstimate",
+    "diagonal_plan",
+    "fast_hessian_diagonal",
+    "ggn_diagonal",
     "hessian_diagonal",
     "hessian_matmat",
     "hessian_trace",

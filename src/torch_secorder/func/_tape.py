@@ -1,0 +1,124 @@
+"""Record the torch calls of one evaluation of a loss, and perturb chosen outputs.
+
+:class:`TapeMode` is a :class:`~torch.overrides.TorchFunctionMode` that writes
+down every top-level torch call (function, arguments, output) made while it is
+active.  Calls made *inside* a recorded call (e.g. the ``torch.layer_norm``
+inside ``F.layer_norm``) are not seen: a mode is switched off while its handler
+runs.  From the tape the fast diagonal learns which parameter enters which
+operator call, and how often.
+
+:class:`PerturbMode` adds a tensor ``delta`` to the output of the operator calls
+that read a given parameter (by identity): the loss as a function of ``delta``
+is the loss as a function of that layer's output, whose Hessian the fast
+diagonal needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["Call", "TapeMode", "PerturbMode", "iter_tensors", "record"]
+
+#: Calls that only read metadata; they never carry a derivative.
+_METADATA = {
+    "__get__",
+    "size",
+    "dim",
+    "numel",
+    "stride",
+    "is_floating_point",
+    "is_complex",
+    "element_size",
+    "data_ptr",
+    "is_contiguous",
+    "storage_offset",
+    "nelement",
+    "ndimension",
+    "get_device",
+    "__len__",
+    "__format__",
+    "__repr__",
+    "__bool__",
+    "__hash__",
+}
+
+
+def iter_tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor inside nested lists, tuples and dicts."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from iter_tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from iter_tensors(o)
+
+
+@dataclass
+class Call:
+    """One recorded torch call."""
+
+    func: Callable
+    args: tuple
+    kwargs: dict
+    out: Any
+
+    @property
+    def name(self) -> str:
+        return getattr(self.func, "__name__", repr(self.func))
+
+    def tensor_inputs(self) -> list[Tensor]:
+        return list(iter_tensors((self.args, self.kwargs)))
+
+
+class TapeMode(TorchFunctionMode):
+    """Record top-level torch calls (metadata reads excepted) in :attr:`calls`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Call] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") not in _METADATA:
+            self.calls.append(Call(func, tuple(args), dict(kwargs), out))
+        return out
+
+
+def record(f: Callable[[Any], Tensor], params: Any) -> tuple[list[Call], Tensor]:
+    """Evaluate ``f(params)`` once without autograd; return its tape and its value."""
+    with torch.no_grad(), TapeMode() as mode:
+        value = f(params)
+    return mode.calls, value
+
+
+class PerturbMode(TorchFunctionMode):
+    """Add ``deltas[key]`` to the output of the call that reads the tensor ``key``.
+
+    ``deltas`` maps ``id(parameter)`` to the perturbation (shaped like the
+    output of that parameter's only call).  Any recognised operator call whose
+    arguments include the parameter gets the perturbation added to its output.
+    """
+
+    def __init__(self, deltas: Mapping[int, Tensor], funcs: frozenset) -> None:
+        super().__init__()
+        self._deltas = dict(deltas)
+        self._funcs = funcs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in self._funcs and self._deltas:
+            for t in iter_tensors((args, kwargs)):
+                delta = self._deltas.get(id(t))
+                if delta is not None:
+                    return out + delta
+        return out
