@@ -198,14 +198,19 @@ def _split_is_clean(batched, site: Site, groups: Tensor, rows_shape, gen) -> boo
     return bool((out.masked_fill(masks, 0.0) == 0).all())
 
 
-def _structure(product, site: Site, gen: torch.Generator) -> str:
-    """``"rows"``, ``"samples"`` or ``"coupled"``: which rows of ``z`` interact."""
+def _structure(product, site: Site, gen: torch.Generator, samples_useful: bool = True) -> str:
+    """``"rows"``, ``"samples"`` or ``"coupled"``: which rows of ``z`` interact.
+
+    ``samples_useful=False`` skips the second probe (the blocks route would not be taken).
+    """
     n, t, u = site.rows_shape
     batched = vmap(product, randomness="same")
     device = site.call.out.device
     rows = torch.arange(n * t, device=device).reshape(n, t)
     if _split_is_clean(batched, site, rows, (n, t, u), gen):
         return "rows"
+    if not samples_useful:
+        return "coupled"
     samples = torch.arange(n, device=device)[:, None].expand(n, t)
     if _split_is_clean(batched, site, samples, (n, t, u), gen):
         return "samples"
@@ -279,10 +284,11 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
             if site.cost(False) >= sweep_cost:
                 continue
             product = problem.site_product(site)
-            structure = _structure(product, site, gen)
+            blocks_useful = site.supports_blocks and site.cost(True) < sweep_cost
+            structure = _structure(product, site, gen, blocks_useful)
             if structure == "rows":
                 route = "rows"
-            elif structure == "samples" and site.supports_blocks and site.cost(True) < sweep_cost:
+            elif structure == "samples" and blocks_useful:
                 route = "blocks"
             else:
                 continue

@@ -1,0 +1,153 @@
+"""Exact Hessian diagonal: ours against BackPACK DiagHessian, torch-secorder 0.0.1, the sweep.
+
+Side by side in one process, same data, same dtype; every timing is a median
+(:func:`benchmarks._timing.time_call`) and every peer's numbers are checked
+against ours (max abs difference printed).  Ratios are peer / ours (above 1:
+ours is faster).
+
+    python benchmarks/bench_diagonal.py            # all cases
+    python benchmarks/bench_diagonal.py --quick    # fewer repeats
+
+Cases:
+
+* ``mlp_30_30_10`` (n = 1,240, batch 64): ours vs 0.0.1 ``hessian_diagonal``.
+* ``mlp_784_256_256_10`` (batch 256): ours vs BackPACK 1.7.1 ``DiagHessian``.
+* a small tanh CNN and a small transformer block: ours vs the generic sweep
+  (:func:`torch_secorder.func.hessian_diagonal`) and, for the CNN, BackPACK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._models import (  # noqa: E402
+    mlp_30_30_10,
+    mlp_784_256_256_10,
+    tanh_cnn,
+    tiny_transformer_block,  # noqa: E402
+)
+from benchmarks._peers import load_backpack, load_secorder_001  # noqa: E402
+from benchmarks._timing import print_table, time_call  # noqa: E402
+from torch_secorder.core import model_hessian_diagonal  # noqa: E402
+from torch_secorder.core._problem import module_problem  # noqa: E402
+from torch_secorder.func import diagonal_plan, hessian_diagonal  # noqa: E402
+
+
+def ours(problem):
+    model, loss_fn, x, y = problem
+    return lambda: model_hessian_diagonal(model, loss_fn, x, y, progress=False)
+
+
+def sweep(problem):
+    model, loss_fn, x, y = problem
+
+    def run():
+        with module_problem(model, loss_fn, x, y) as p:
+            return list(hessian_diagonal(p.pure, p.primals))
+
+    return run
+
+
+def backpack_diag(problem):
+    bp = load_backpack()
+    if not bp:
+        return None, bp.reason
+    from backpack import backpack, extend
+    from backpack.extensions import DiagHessian
+
+    model, loss_fn, x, y = problem
+    model, loss_fn = extend(model), extend(loss_fn)
+
+    def run():
+        model.zero_grad()
+        with backpack(DiagHessian()):
+            loss_fn(model(x), y).backward()
+        return [p.diag_h.detach().clone() for p in model.parameters()]
+
+    return run, None
+
+
+def old_diag(problem):
+    old = load_secorder_001()
+    if not old:
+        return None, old.reason
+    model, loss_fn, x, y = problem
+    params = list(model.parameters())
+
+    def run():
+        return old.module.hessian_diagonal(lambda: loss_fn(model(x), y), params)
+
+    return run, None
+
+
+def max_diff(a, b) -> float:
+    pairs = zip(a, b, strict=True)
+    return max(float((u.reshape(-1) - v.reshape(-1)).abs().max()) for u, v in pairs)
+
+
+def plan(problem) -> str:
+    model, loss_fn, x, y = problem
+    with module_problem(model, loss_fn, x, y) as p:
+        routes = diagonal_plan(p.pure, p.primals)
+    return ",".join(sorted(set(routes)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    reps = 3 if args.quick else 7
+    dt = torch.float64
+    rows, notes = [], []
+
+    cases = [
+        ("mlp_30_30_10 (b64)", mlp_30_30_10(dtype=dt, batch=64), ["0.0.1"]),
+        ("mlp_784_256_256_10 (b256)", mlp_784_256_256_10(dtype=dt, batch=256), ["backpack"]),
+        (
+            "tanh_cnn c4 8x8 (b16)",
+            tanh_cnn(dtype=dt, batch=16, size=8, channels=4),
+            ["sweep", "backpack"],
+        ),
+        (
+            "transformer d16 s8 (b8)",
+            tiny_transformer_block(dtype=dt, batch=8, seq=8, d=16, heads=2),
+            ["sweep"],
+        ),
+    ]
+    for name, problem, peers in cases:
+        mine = ours(problem)
+        reference = mine()
+        row = {"case": name, "ours": time_call(mine, repeats=reps, warmup=1)}
+        notes.append(f"{name}: n = {problem.n_params:,}, routes: {plan(problem)}")
+        for peer in peers:
+            if peer == "sweep":
+                fn, why = sweep(problem), None
+            elif peer == "backpack":
+                fn, why = backpack_diag(problem)
+            else:
+                fn, why = old_diag(problem)
+            if fn is None:
+                row[peer] = why
+                continue
+            slow = peer in ("sweep", "0.0.1")
+            row[peer] = time_call(fn, repeats=1 if slow else reps, warmup=0 if slow else 1)
+            notes.append(f"{name}: max |ours - {peer}| = {max_diff(reference, fn()):.1e}")
+        rows.append(row)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, CPU")
+    print_table(rows)
+    for n in notes:
+        print(" ", n)
+
+
+if __name__ == "__main__":
+    main()
