@@ -21,6 +21,7 @@ mask for every probe of an estimate).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -76,14 +77,37 @@ _NORMS_WITH_RUNNING_STATS = {
 
 
 class PreservingMode(TorchFunctionMode):
-    """Undo in-place writes into pre-existing tensors; skip running-statistics updates."""
+    """Undo in-place writes into pre-existing tensors; skip running-statistics updates.
+
+    Tensors that torch calls create while the mode is active (intermediates,
+    ``torch.func``'s basis tensors) are not the user's: writes into them stand.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._saved: dict[int, tuple[Tensor, Tensor]] = {}
+        self._created: dict[int, weakref.ref] = {}
+
+    def _was_created_here(self, t: Tensor) -> bool:
+        ref = self._created.get(id(t))
+        return ref is not None and ref() is t
+
+    def _note_created(self, result: Any) -> None:
+        if len(self._created) > 65536:  # forget the dead, keep the table small
+            self._created = {k: r for k, r in self._created.items() if r() is not None}
+        if isinstance(result, Tensor):
+            self._created[id(result)] = weakref.ref(result)
+        elif isinstance(result, (tuple, list)):
+            for r in result:
+                if isinstance(r, Tensor):
+                    self._created[id(r)] = weakref.ref(r)
 
     def _remember(self, target: Any) -> None:
-        if _is_foreign(target) and id(target) not in self._saved:
+        if (
+            _is_foreign(target)
+            and id(target) not in self._saved
+            and not self._was_created_here(target)
+        ):
             self._saved[id(target)] = (target, target.detach().clone())
 
     def restore(self) -> None:
@@ -91,6 +115,7 @@ class PreservingMode(TorchFunctionMode):
             for target, saved in self._saved.values():
                 target.copy_(saved)
         self._saved.clear()
+        self._created.clear()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -110,7 +135,11 @@ class PreservingMode(TorchFunctionMode):
             name = getattr(func, "__name__", "")
             if name.endswith("_") and not name.endswith("__") and args:
                 target = args[0]
-                if _is_foreign(target) and torch._C._functorch.maybe_current_level() is not None:
+                if (
+                    _is_foreign(target)
+                    and not self._was_created_here(target)
+                    and torch._C._functorch.maybe_current_level() is not None
+                ):
                     # Inside a torch.func transform an in-place write into a
                     # captured tensor is an error; the write goes to a copy.
                     args = (target.clone(), *args[1:])
@@ -118,7 +147,16 @@ class PreservingMode(TorchFunctionMode):
                     self._remember(target)
             if "out" in kwargs:
                 _map_tensors(kwargs["out"], lambda t: self._remember(t) or t)
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if name_creates(func):
+            self._note_created(result)
+        return result
+
+
+def name_creates(func: Any) -> bool:
+    """Whether a call may return a fresh tensor (anything but an in-place method)."""
+    name = getattr(func, "__name__", "")
+    return not (name.endswith("_") and not name.endswith("__"))
 
 
 @contextlib.contextmanager
