@@ -30,8 +30,15 @@ from torch_secorder.core.hessian_trace import model_hessian_trace_estimate  # no
 def ours(problem, probes: int, strategy: str, chunk: int | None):
     gen = torch.Generator().manual_seed(0)
     return lambda: model_hessian_trace_estimate(
-        problem.model, problem.loss_fn, problem.inputs, problem.targets, probes,
-        generator=gen, strategy=strategy, chunk_size=chunk, progress=False,
+        problem.model,
+        problem.loss_fn,
+        problem.inputs,
+        problem.targets,
+        probes,
+        generator=gen,
+        strategy=strategy,
+        chunk_size=chunk,
+        progress=False,
     )
 
 
@@ -44,8 +51,9 @@ def peers(problem, probes: int) -> dict:
         from pyhessian import hessian
 
         def run_pyhessian():
-            h = hessian(problem.model, problem.loss_fn, data=(problem.inputs, problem.targets),
-                        cuda=False)
+            h = hessian(
+                problem.model, problem.loss_fn, data=(problem.inputs, problem.targets), cuda=False
+            )
             return h.trace(maxIter=probes, tol=float("-inf"))
 
         out["pyhessian"] = run_pyhessian
@@ -57,9 +65,13 @@ def peers(problem, probes: int) -> dict:
         from curvlinops.trace.hutchinson import hutchinson_trace
 
         def run_curvlinops():
-            H = HessianLinearOperator(problem.model, problem.loss_fn, problem.params,
-                                      [(problem.inputs, problem.targets)],
-                                      check_deterministic=False)
+            H = HessianLinearOperator(
+                problem.model,
+                problem.loss_fn,
+                problem.params,
+                [(problem.inputs, problem.targets)],
+                check_deterministic=False,
+            )
             return hutchinson_trace(H, probes)
 
         out["curvlinops"] = run_curvlinops
@@ -68,7 +80,8 @@ def peers(problem, probes: int) -> dict:
         out["secorder-0.0.1"] = old.reason
     else:
         out["secorder-0.0.1"] = lambda: old.module.hvp.hessian_trace(
-            problem.loss, problem.params, num_samples=probes)
+            problem.loss, problem.params, num_samples=probes
+        )
     return out
 
 
@@ -100,8 +113,10 @@ def main() -> None:
                 continue
             row[label] = time_call(fn, repeats=args.repeats, warmup=1) / args.probes
         rows.append(row)
-    print(f"Hutchinson, seconds per probe ({args.probes} probes, {args.threads} threads, "
-          f"{args.device}, float32); ratios are peer/auto")
+    print(
+        f"Hutchinson, seconds per probe ({args.probes} probes, {args.threads} threads, "
+        f"{args.device}, float32); ratios are peer/auto"
+    )
     print_table(rows, ours="auto")
 
 

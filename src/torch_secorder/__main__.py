@@ -19,7 +19,9 @@ from torch_secorder.core.hessian_trace import model_hessian_trace, model_hessian
 
 
 def _mlp(generator: torch.Generator, dtype: torch.dtype):
-    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
+    )
     inputs = torch.randn(256, 32, generator=generator, dtype=dtype)
     targets = torch.randint(0, 10, (256,), generator=generator)
     return model, nn.functional.cross_entropy, inputs, targets
@@ -27,7 +29,11 @@ def _mlp(generator: torch.Generator, dtype: torch.dtype):
 
 def _cnn(generator: torch.Generator, dtype: torch.dtype):
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh(), nn.Flatten(),
+        nn.Conv2d(3, 8, 3),
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 3),
+        nn.Tanh(),
+        nn.Flatten(),
         nn.Linear(8 * 12 * 12, 10),
     )
     inputs = torch.randn(32, 3, 16, 16, generator=generator, dtype=dtype)
@@ -37,8 +43,9 @@ def _cnn(generator: torch.Generator, dtype: torch.dtype):
 
 def _transformer(generator: torch.Generator, dtype: torch.dtype):
     model = nn.Sequential(
-        nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0,
-                                   batch_first=True),
+        nn.TransformerEncoderLayer(
+            d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True
+        ),
         nn.Flatten(),
         nn.Linear(16 * 8, 1),
     )
@@ -72,27 +79,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model.to(dtype)
     n = sum(p.numel() for p in model.parameters())
     progress = not args.no_progress
-    print(f"model: {args.model}, {n:,} parameters, inputs {tuple(inputs.shape)}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: {args.model}, {n:,} parameters, inputs {tuple(inputs.shape)}, {args.dtype}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
-    exact, t_exact = _timed(lambda: model_hessian_trace(
-        model, loss_fn, inputs, targets, progress=progress))
+    exact, t_exact = _timed(
+        lambda: model_hessian_trace(model, loss_fn, inputs, targets, progress=progress)
+    )
     print(f"exact trace:       {exact.item(): .10g}   ({t_exact:.3f} s)")
 
-    est, t_est = _timed(lambda: model_hessian_trace_estimate(
-        model, loss_fn, inputs, targets, num_samples=args.samples,
-        generator=torch.Generator().manual_seed(args.seed), progress=progress))
+    est, t_est = _timed(
+        lambda: model_hessian_trace_estimate(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            num_samples=args.samples,
+            generator=torch.Generator().manual_seed(args.seed),
+            progress=progress,
+        )
+    )
     z = (est.estimate - exact) / est.std_error
-    print(f"Hutchinson ({args.samples} probes): {est.estimate.item(): .6g} +- "
-          f"{est.std_error.item():.3g} (1 s.e.; off by {z.item():+.2f} s.e.)   ({t_est:.3f} s)")
+    print(
+        f"Hutchinson ({args.samples} probes): {est.estimate.item(): .6g} +- "
+        f"{est.std_error.item():.3g} (1 s.e.; off by {z.item():+.2f} s.e.)   ({t_est:.3f} s)"
+    )
 
-    diag, t_diag = _timed(lambda: model_hessian_diagonal(
-        model, loss_fn, inputs, targets, progress=progress))
+    diag, t_diag = _timed(
+        lambda: model_hessian_diagonal(model, loss_fn, inputs, targets, progress=progress)
+    )
     print(f"exact diagonal:    ({t_diag:.3f} s)")
     print(f"  {'parameter':<28}{'shape':<16}{'sum':>13}{'mean':>13}{'min':>13}{'max':>13}")
     for (name, p), d in zip(model.named_parameters(), diag):
-        print(f"  {name:<28}{str(tuple(p.shape)):<16}{d.sum().item():>13.5g}"
-              f"{d.mean().item():>13.5g}{d.min().item():>13.5g}{d.max().item():>13.5g}")
+        print(
+            f"  {name:<28}{str(tuple(p.shape)):<16}{d.sum().item():>13.5g}"
+            f"{d.mean().item():>13.5g}{d.min().item():>13.5g}{d.max().item():>13.5g}"
+        )
     total = sum(d.sum() for d in diag)
     print(f"  sum of the diagonal = {total.item():.10g} (= exact trace)")
     return 0

@@ -23,6 +23,8 @@ from torch_secorder.core._inputs import as_param_list, check_loss, check_module
 from torch_secorder.core._purity import SubstitutionMode, preserved_state
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
+from torch_secorder.func.hvp import default_chunk_size
+from torch_secorder.linalg.trace import TraceEstimate, hutchinson
 
 __all__ = ["LossProblem", "closure_problem", "module_problem", "STRATEGIES"]
 
@@ -30,9 +32,22 @@ __all__ = ["LossProblem", "closure_problem", "module_problem", "STRATEGIES"]
 #: ``"vmap"``: forward-over-reverse ``jvp(grad(f))`` vmapped over the vectors;
 #: ``"graph"``: one ``create_graph`` gradient, then one backward per vector;
 #: ``"graph_batched"``: the same backward vmapped over the vectors
-#: (``is_grads_batched``); ``"auto"``: ``"vmap"`` on accelerators, ``"graph"``
-#: on CPU (see ``benchmarks/bench_hutchinson.py``).
+#: (``is_grads_batched``), :data:`GRAPH_BATCH` vectors at a time unless a chunk
+#: is given; ``"auto"``: ``"vmap"`` on accelerators; on CPU ``"graph"`` for
+#: models with convolutions (vmapped convolution derivatives are about 2x slower
+#: there) and closures, ``"graph_batched"`` otherwise.  Measured side by side in
+#: ``benchmarks/bench_hutchinson.py``.
 STRATEGIES = ("auto", "vmap", "graph", "graph_batched")
+
+#: Vectors per batched backward of ``"graph_batched"`` when no chunk is given
+#: (larger batches got slower on a 2-core CPU).
+GRAPH_BATCH = 8
+
+
+def _has_convolution(model: nn.Module | None) -> bool:
+    return model is not None and any(
+        isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()
+    )
 
 
 @dataclass
@@ -79,8 +94,45 @@ class LossProblem:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if strategy == "auto":
-            return "graph" if self.device.type == "cpu" else "vmap"
+            if self.device.type != "cpu":
+                return "vmap"
+            if self.model is None or _has_convolution(self.model):
+                return "graph"
+            return "graph_batched"
         return strategy
+
+    def hutchinson(
+        self,
+        num_samples: int,
+        *,
+        distribution: str = "rademacher",
+        generator: torch.Generator | None = None,
+        chunk_size: int | None = None,
+        strategy: str = "auto",
+        progress: bool = True,
+    ) -> TraceEstimate:
+        """Hutchinson estimate of the trace of the problem's Hessian (active tensors).
+
+        Without a ``chunk_size``, probes are drawn and multiplied :data:`GRAPH_BATCH`
+        at a time on the graph routes (one big probe block was slower on CPU) and
+        in chunks of about ``2**24`` tangent entries on the vmap route.
+        """
+        resolved = self.resolve_strategy(strategy)
+        if chunk_size is None:
+            chunk_size = (
+                default_chunk_size(num_samples, self.dim) if resolved == "vmap" else GRAPH_BATCH
+            )
+        return hutchinson(
+            self.matmat(resolved, chunk_size),
+            self.dim,
+            num_samples,
+            distribution=distribution,
+            generator=generator,
+            dtype=self.dtype,
+            device=self.device,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
 
     def expand(self, active_values: Sequence[Tensor]) -> list[Tensor]:
         """Results for the active tensors -> one tensor per user tensor (zeros elsewhere)."""
@@ -140,7 +192,7 @@ class LossProblem:
         def matmat(flat: Tensor) -> Tensor:
             if strategy == "graph_batched":
                 rows = []
-                step = flat.shape[0] if chunk_size is None else chunk_size
+                step = GRAPH_BATCH if chunk_size is None else chunk_size
                 for start in range(0, flat.shape[0], step):
                     V = tree_unravel(flat[start : start + step], like)
                     rows.append(tree_ravel(products(V, True), batch_dims=1))

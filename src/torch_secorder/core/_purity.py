@@ -53,7 +53,7 @@ def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 class SubstitutionMode(TorchFunctionMode):
-    """Inside this mode, every torch call sees ``values[i]`` wherever it would see ``tensors[i]``."""
+    """Every torch call inside sees ``values[i]`` wherever it would see ``tensors[i]``."""
 
     def __init__(self, tensors: Sequence[Tensor], values: Sequence[Tensor]):
         super().__init__()
@@ -195,9 +195,7 @@ def preserved_state(
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     training = [(m, m.training) for m in model.modules()] if model is not None else []
-    buffers = (
-        [(b, b.detach().clone()) for b in model.buffers()] if model is not None else []
-    )
+    buffers = [(b, b.detach().clone()) for b in model.buffers()] if model is not None else []
     devices = list({p.device for p in params})
     mode = PreservingMode()
     try:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch_secorder.core._inputs import check_num_samples
 from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
 from torch_secorder.core.hessian_diagonal import active_hessian_diagonal
-from torch_secorder.linalg.trace import TraceEstimate, hutchinson
+from torch_secorder.linalg.trace import TraceEstimate
 
 __all__ = [
     "hessian_trace",
@@ -51,15 +51,12 @@ def problem_trace(
         diag = active_hessian_diagonal(problem, chunk_size, progress)
         exact = sum(d.sum() for d in diag)
         return TraceEstimate(exact, torch.zeros_like(exact), exact.reshape(1))
-    return hutchinson(
-        problem.matmat(strategy, chunk_size),
-        problem.dim,
+    return problem.hutchinson(
         num_samples,
         distribution=distribution,
         generator=generator,
-        dtype=problem.dtype,
-        device=problem.device,
         chunk_size=chunk_size,
+        strategy=strategy,
         progress=progress,
     )
 
@@ -114,8 +111,15 @@ def hessian_trace(
         tensor(4.)
     """
     return hessian_trace_estimate(
-        func, params, num_samples, create_graph, strict, generator=generator,
-        chunk_size=chunk_size, strategy=strategy, progress=progress,
+        func,
+        params,
+        num_samples,
+        create_graph,
+        strict,
+        generator=generator,
+        chunk_size=chunk_size,
+        strategy=strategy,
+        progress=progress,
     ).estimate
 
 
@@ -146,8 +150,12 @@ def hessian_trace_estimate(
     """
     with closure_problem(func, params, strict=strict, create_graph=create_graph) as problem:
         return problem_trace(
-            problem, num_samples, generator=generator, chunk_size=chunk_size,
-            strategy=strategy, progress=progress,
+            problem,
+            num_samples,
+            generator=generator,
+            chunk_size=chunk_size,
+            strategy=strategy,
+            progress=progress,
         )
 
 
@@ -184,8 +192,17 @@ def model_hessian_trace(
         True
     """
     return model_hessian_trace_estimate(
-        model, loss_fn, inputs, targets, num_samples, create_graph, strict,
-        generator=generator, chunk_size=chunk_size, strategy=strategy, progress=progress,
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        num_samples,
+        create_graph,
+        strict,
+        generator=generator,
+        chunk_size=chunk_size,
+        strategy=strategy,
+        progress=progress,
     ).estimate
 
 
@@ -208,6 +225,10 @@ def model_hessian_trace_estimate(
         model, loss_fn, inputs, targets, strict=strict, create_graph=create_graph
     ) as problem:
         return problem_trace(
-            problem, num_samples, generator=generator, chunk_size=chunk_size,
-            strategy=strategy, progress=progress,
+            problem,
+            num_samples,
+            generator=generator,
+            chunk_size=chunk_size,
+            strategy=strategy,
+            progress=progress,
         )

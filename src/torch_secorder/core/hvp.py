@@ -18,7 +18,6 @@ from torch_secorder.core._problem import LossProblem, closure_problem, module_pr
 from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
-from torch_secorder.linalg.trace import hutchinson
 
 __all__ = [
     "exact_hvp",
@@ -152,15 +151,12 @@ def hessian_trace(
     with closure_problem(func, params, create_graph=create_graph) as problem:
         if not problem.active:
             return 0.0
-        estimate = hutchinson(
-            problem.matmat(strategy, chunk_size),
-            problem.dim,
+        estimate = problem.hutchinson(
             num_samples,
             distribution="sparse_rademacher" if sparse else "rademacher",
             generator=generator,
-            dtype=problem.dtype,
-            device=problem.device,
             chunk_size=chunk_size,
+            strategy=strategy,
             progress=progress,
         ).estimate
     return estimate if create_graph else float(estimate)

@@ -59,7 +59,13 @@ def _mse_loss(input, target, size_average=None, reduce=None, reduction="mean", w
 
 
 def _math_sdpa(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
     enable_gqa=False,
 ):
     return torch.ops.aten._scaled_dot_product_attention_math(
@@ -88,21 +94,31 @@ def _channel_affine(out, weight, bias):
 
 
 def _batch_norm(
-    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
     eps=1e-5,
 ):
     if not training and running_mean is not None and running_var is not None:
         # Running statistics: an affine map, whose derivatives torch gets right.
-        return F.batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     out = _normalise(input, (0, *range(2, input.dim())), eps)
     return _channel_affine(out, weight, bias)
 
 
 def _instance_norm(
-    input, running_mean=None, running_var=None, weight=None, bias=None,
-    use_input_stats=True, momentum=0.1, eps=1e-5,
+    input,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
 ):
     if not use_input_stats:
         return F.instance_norm(
