@@ -76,9 +76,7 @@ def tree_unravel(flat: Tensor, like: PyTree) -> PyTree:
 
 def tree_dot(a: PyTree, b: PyTree) -> Tensor:
     """Euclidean inner product of two pytrees of the same structure."""
-    return sum(
-        (x * y).sum() for x, y in zip(tree_leaves(a), tree_leaves(b))
-    )  # type: ignore[return-value]
+    return sum((x * y).sum() for x, y in zip(tree_leaves(a), tree_leaves(b)))  # type: ignore[return-value]
 
 
 def tree_batched_dot(a: PyTree, b: PyTree) -> Tensor:

@@ -49,9 +49,7 @@ def draw_probes(
         True
     """
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(
-            f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}"
-        )
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if generator is not None and device is None:
         device = generator.device
     if distribution == "gaussian":

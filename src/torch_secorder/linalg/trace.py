@@ -108,8 +108,12 @@ def hutchinson(
         chunk_ranges(num_samples, chunk_size), enabled=progress, desc="Hutchinson probes"
     ):
         probes = draw_probes(
-            stop - start, dim, distribution=distribution, generator=generator,
-            dtype=dtype, device=device,
+            stop - start,
+            dim,
+            distribution=distribution,
+            generator=generator,
+            dtype=dtype,
+            device=device,
         )
         values.append((probes * matmat(probes)).sum(-1))
     return TraceEstimate.from_samples(torch.cat(values))
