@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from torch_secorder.core._inputs import as_vector_list
@@ -30,17 +31,38 @@ from torch_secorder.func import fast_diagonal as _fast
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
 
 
+def _rng_states(device: torch.device) -> list[Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _draws_random(problem: LossProblem) -> bool:
+    """Whether one evaluation of the loss consumes the global RNG (one forward pass)."""
+    problem.rewind()
+    before = _rng_states(problem.device)
+    with torch.no_grad():
+        problem.pure(problem.primals)
+    after = _rng_states(problem.device)
+    problem.rewind()
+    return any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
 def active_hessian_diagonal(
     problem: LossProblem, chunk_size: int | None = None, progress: bool = True
 ) -> list[Tensor]:
     """Exact diagonal blocks of the problem's active tensors.
 
-    Module problems (without ``create_graph``) go through
-    :func:`~torch_secorder.func.fast_hessian_diagonal`; the rest through the sweep.
+    Module problems (without ``create_graph``) whose loss draws no random numbers
+    go through :func:`~torch_secorder.func.fast_hessian_diagonal`; the rest through
+    the sweep.  A loss that draws random numbers (dropout in training mode) goes
+    to the sweep: the fast routes evaluate perturbed copies of the network whose
+    random draws need not line up with the single fixed mask of the sweep.
     """
     if not problem.active:
         return []
-    if problem.model is not None and not problem.create_graph:
+    if problem.model is not None and not problem.create_graph and not _draws_random(problem):
         return list(
             _fast.fast_hessian_diagonal(problem.pure, problem.primals, chunk_size, progress)
         )

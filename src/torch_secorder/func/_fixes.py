@@ -23,6 +23,13 @@ forward-over-reverse AD and double backward:
   statistics are used without updating running statistics (an in-place update of
   a captured buffer is an error inside ``torch.func`` transforms anyway).
 
+* ``F.dropout`` in training mode: the native kernel draws its mask in the
+  input's memory order, so a transposed input (``nn.TransformerEncoderLayer``'s
+  attention output) gets a different mask under ``vmap``, whose batched tensors
+  have another layout; the mask is drawn in the logical order of the shape
+  instead (for a contiguous input, the very mask the native kernel draws), so
+  every route computes the Hessian of the same loss.
+
 :func:`differentiable` wraps a loss so that every call runs under the mode.
 """
 
@@ -128,8 +135,23 @@ def _instance_norm(
     return _channel_affine(out, weight, bias)
 
 
+def _dropout(input, p=0.5, training=True, inplace=False):
+    if not training or p == 0.0:
+        return input
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if p == 1.0:
+        return input * 0.0
+    # The mask is drawn in the logical (contiguous) order of the input's shape, so
+    # every route (plain forward, vmapped, batched backward) draws the same mask.
+    mask = torch.empty(input.shape, dtype=input.dtype, device=input.device).bernoulli_(1 - p)
+    mask.div_(1 - p)
+    return input * mask
+
+
 _REROUTES = {
     F.mse_loss: _mse_loss,
+    F.dropout: _dropout,
     F.scaled_dot_product_attention: _math_sdpa,
     F.layer_norm: _layer_norm,
     F.batch_norm: _batch_norm,
