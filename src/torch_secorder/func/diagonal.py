@@ -34,6 +34,36 @@ def _replace_leaf(params: PyTree, index: int, value: Tensor) -> PyTree:
     return optree.tree_unflatten(spec, leaves)
 
 
+def basis_sweep_diagonal(
+    product: Callable[[Tensor], Tensor],
+    leaf: Tensor,
+    chunk_size: int,
+    progress: bool = False,
+    desc: str = "diagonal sweep",
+) -> Tensor:
+    r"""Diagonal :math:`e_i^\top A e_i` of a linear map on tensors shaped like ``leaf``.
+
+    ``product(v) = A v`` is vmapped over ``chunk_size`` one-hot basis vectors at a
+    time; memory is that of ``chunk_size`` products, never an ``n x n`` matrix.
+
+    Example:
+        >>> import torch
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+        >>> basis_sweep_diagonal(lambda v: A @ v, torch.zeros(2), chunk_size=1)
+        tensor([2., 3.])
+    """
+    numel = leaf.numel()
+    batched = vmap(product, randomness="same")
+    pieces = []
+    for start, stop in progress_bar(chunk_ranges(numel, chunk_size), enabled=progress, desc=desc):
+        rows = torch.arange(stop - start, device=leaf.device)
+        basis = torch.zeros(stop - start, numel, dtype=leaf.dtype, device=leaf.device)
+        basis[rows, rows + start] = 1.0
+        products = batched(basis.reshape(stop - start, *leaf.shape)).reshape(stop - start, numel)
+        pieces.append(products[rows, rows + start])
+    return torch.cat(pieces).reshape(leaf.shape)
+
+
 def leaf_hessian_diagonal(
     f: Callable[[PyTree], Tensor],
     params: PyTree,
@@ -65,17 +95,7 @@ def leaf_hessian_diagonal(
     def hvp_leaf(v: Tensor) -> Tensor:
         return jvp(grad(f_leaf), (leaf,), (v,))[1]
 
-    batched = vmap(hvp_leaf, randomness="same")
-    pieces = []
-    for start, stop in progress_bar(
-        chunk_ranges(numel, chunk_size), enabled=progress, desc="Hessian diagonal sweep"
-    ):
-        rows = torch.arange(stop - start, device=leaf.device)
-        basis = torch.zeros(stop - start, numel, dtype=leaf.dtype, device=leaf.device)
-        basis[rows, rows + start] = 1.0
-        products = batched(basis.reshape(stop - start, *leaf.shape)).reshape(stop - start, numel)
-        pieces.append(products[rows, rows + start])
-    return torch.cat(pieces).reshape(leaf.shape)
+    return basis_sweep_diagonal(hvp_leaf, leaf, chunk_size, progress, "Hessian diagonal sweep")
 
 
 def hessian_diagonal(
