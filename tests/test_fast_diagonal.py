@@ -222,12 +222,20 @@ def test_routes_are_taken_where_they_should_be():
     for a, b in zip(fast, dense_diagonal(tok, nn.MSELoss(), xt, yt), strict=False):
         assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)
     # convolutions: rows when nothing after them couples positions, else the sweep
-    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 1)).to(DT)
-    xc, yc = torch.randn(2, 2, 5, 5, dtype=DT), torch.randn(2, 2, 5, 5, dtype=DT)
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 1)).to(DT)
+    xc, yc = torch.randn(2, 2, 5, 5, dtype=DT), torch.randn(2, 4, 5, 5, dtype=DT)
     assert set(plan_of(conv, nn.MSELoss(), xc, yc).values()) == {"rows"}
-    conv = nn.Sequential(conv, nn.Flatten(), nn.Linear(50, 3)).to(DT)
+    conv = nn.Sequential(conv, nn.Flatten(), nn.Linear(100, 3)).to(DT)
     plan = plan_of(conv, ce, xc, y[:2])
     assert plan["0.0.weight"] == "sweep" and plan["2.weight"] == "rows"
+    # ... and the 1x1 convolution is not even probed where the probe (6 products, one per
+    # bit of the 50 rows) and its 2 unit products cost as much as sweeping its 8 entries
+    small = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 1)).to(DT)
+    plan = plan_of(small, nn.MSELoss(), xc, yc[:, :2])
+    assert plan["2.weight"] == plan["2.bias"] == "sweep" and plan["0.weight"] == "rows"
+    fast = model_hessian_diagonal(small, nn.MSELoss(), xc, yc[:, :2], progress=False)
+    for a, b in zip(fast, dense_diagonal(small, nn.MSELoss(), xc, yc[:, :2]), strict=False):
+        assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)
 
 
 def test_rows_route_matches_dense_on_conv_and_tokens():
@@ -282,3 +290,37 @@ def test_model_left_untouched_and_float32():
 def test_plan_rejects_bad_kind():
     with pytest.raises(ValueError, match="kind"):
         diagonal_plan(lambda p: p["x"].sum(), {"x": torch.ones(2)}, kind="fisher")
+
+
+def test_layers_upstream_of_coupled_rows_are_not_probed(monkeypatch):
+    """Probed last layer first: the first convolution feeds one whose rows are coupled,
+    so it goes to the sweep unprobed (weight and bias in one sweep); numbers exact."""
+    import torch_secorder.func.fast_diagonal as fd
+
+    probed = []
+    structure = fd._structure
+
+    def counting(product, site, *args):
+        probed.append(site.call.func)
+        return structure(product, site, *args)
+
+    monkeypatch.setattr(fd, "_structure", counting)
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 3, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(27, 4),
+    ).to(DT)
+    x, y = torch.randn(3, 2, 6, 6, dtype=DT), torch.tensor([0, 3, 1])
+    plan = plan_of(model, nn.CrossEntropyLoss(), x, y)
+    assert probed == [F.linear, F.conv2d]
+    assert plan["5.weight"] == plan["5.bias"] == "rows"
+    assert {plan[f"{i}.{r}"] for i in (0, 2) for r in ("weight", "bias")} == {"sweep"}
+    for chunk in (None, 7):
+        fast = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, chunk_size=chunk)
+        dense = dense_diagonal(model, nn.CrossEntropyLoss(), x, y)
+        for a, b in zip(fast, dense, strict=True):
+            assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)

@@ -60,7 +60,7 @@ from torch.func import grad, jvp, vjp, vmap
 from torch_secorder.func._chain import chain_diagonal
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._sites import SITE_FUNCS, Site, make_site
-from torch_secorder.func._tape import Call, PerturbMode, record
+from torch_secorder.func._tape import Call, PerturbMode, iter_tensors, record
 from torch_secorder.func._tree import PyTree, tree_leaves
 from torch_secorder.func.diagonal import _replace_leaf, leaf_hessian_diagonal
 from torch_secorder.func.hvp import default_chunk_size
@@ -127,6 +127,70 @@ class _Problem:
             self.model_fn, self.loss_fn, self.params, index, chunk_size, progress
         )
 
+    def group_sweep(
+        self, indices: list[int], chunk_size: int | None, progress: bool
+    ) -> list[Tensor]:
+        """The sweep of several leaves (one layer's weight and bias) in one vectorised call.
+
+        Basis vectors run over the leaves' entries in turn; each carries a one-hot
+        tangent in one leaf and zeros in the others.
+        """
+        if len(indices) == 1:
+            return [self.leaf_sweep(indices[0], chunk_size, progress)]
+        leaves = [self.leaves[i] for i in indices]
+        sizes = [leaf.numel() for leaf in leaves]
+        total = sum(sizes)
+        chunk = chunk_size or default_chunk_size(total, total)
+        params, spec = optree.tree_flatten(
+            self.params, none_is_leaf=False, namespace="torch_secorder"
+        )
+
+        def with_leaves(xs) -> PyTree:
+            full = list(params)
+            for i, x in zip(indices, xs, strict=True):
+                full[i] = x
+            return optree.tree_unflatten(spec, full)
+
+        primals = tuple(leaves)
+        if self.kind == "hessian":
+            f_group = differentiable(lambda *xs: self.f(with_leaves(xs)))
+            argnums = tuple(range(len(leaves)))
+
+            def product(*vs: Tensor) -> tuple[Tensor, ...]:
+                return jvp(grad(f_group, argnums=argnums), primals, vs)[1]
+
+        else:
+            model_fn, loss_fn = differentiable(self.model_fn), differentiable(self.loss_fn)
+
+            def output_of(*xs: Tensor) -> Any:
+                return model_fn(with_leaves(xs))
+
+            def product(*vs: Tensor) -> tuple[Tensor, ...]:
+                out, tangent = jvp(output_of, primals, vs)
+                curved = jvp(grad(loss_fn), (out,), (tangent,))[1]
+                return vjp(output_of, *primals)[1](curved)
+
+        batched = vmap(product, randomness="same")
+        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        pieces: list[list[Tensor]] = [[] for _ in leaves]
+        for start, stop in progress_bar(
+            chunk_ranges(total, chunk), enabled=progress, desc="Hessian diagonal sweep"
+        ):
+            k = stop - start
+            flat = torch.arange(start, stop)
+            tangents, picks = [], []
+            for leaf, size, offset in zip(leaves, sizes, offsets, strict=True):
+                basis = torch.zeros(k, size, dtype=leaf.dtype, device=leaf.device)
+                inside = ((flat >= offset) & (flat < offset + size)).nonzero().flatten()
+                basis[inside, flat[inside] - offset] = 1.0
+                tangents.append(basis.reshape(k, *leaf.shape))
+                picks.append((inside, flat[inside] - offset))
+            products = batched(*tangents)
+            for j, (rows, cols) in enumerate(picks):
+                if rows.numel():
+                    pieces[j].append(products[j].reshape(k, -1)[rows, cols])
+        return [torch.cat(p).reshape(leaf.shape) for p, leaf in zip(pieces, leaves, strict=True)]
+
 
 def _leaf_ggn_diagonal(model_fn, loss_fn, params, index, chunk_size, progress) -> Tensor:
     leaf = tree_leaves(params)[index]
@@ -180,34 +244,81 @@ def _find_sites(calls: list[Call], leaves: list[Tensor]) -> list[Site]:
     return sites
 
 
-def _split_is_clean(batched, site: Site, groups: Tensor, rows_shape, gen) -> bool:
+def _feeders(calls: list[Call], sites: list[Site]) -> list[set[int]]:
+    """For each site, the earlier sites whose outputs reach its input (through the tape)."""
+    index = {id(site.call): s for s, site in enumerate(sites)}
+    masks: dict[int, int] = {}  # id(tensor) -> bit set of the sites it depends on
+    feeders: list[set[int]] = [set() for _ in sites]
+    for call in calls:
+        mask = 0
+        for t in call.tensor_inputs():
+            mask |= masks.get(id(t), 0)
+        s = index.get(id(call))
+        if s is not None:
+            feeders[s] = {k for k in range(len(sites)) if mask >> k & 1}
+            mask |= 1 << s
+        if mask:
+            for t in iter_tensors(call.out):
+                masks[id(t)] = mask
+    return feeders
+
+
+def _probe_cost(site: Site) -> int:
+    """Products of the first coupling probe (one per bit of the row index)."""
+    n, t, _ = site.rows_shape
+    return max(1, math.ceil(math.log2(n * t))) if n * t > 1 else 0
+
+
+def _split_is_clean(batched, site: Site, groups: Tensor, rows_shape, gen, extra=None):
     """Products with random perturbations on each half of every bit split of ``groups``
-    vanish on the other half."""
+    vanish on the other half.
+
+    ``extra`` (``(k, N, T, U)`` tangents in rows layout) rides along in the same
+    vectorised call; with it, returns ``(clean, their products in rows layout)``.
+    """
     n_groups = int(groups.max()) + 1
     bits = max(1, math.ceil(math.log2(n_groups))) if n_groups > 1 else 0
-    if bits == 0:
+    if bits == 0 and extra is None:
         return True
-    masks = torch.stack([((groups >> b) & 1).bool() for b in range(bits)])  # (bits, N, T)
-    masks = masks[..., None].expand(bits, *rows_shape)
     z = site.call.out
+    masks = torch.zeros((bits, *groups.shape), dtype=torch.bool, device=groups.device)
+    for b in range(bits):
+        masks[b] = ((groups >> b) & 1).bool()
+    masks = masks[..., None].expand(bits, *rows_shape)
     noise = torch.randn((bits, *rows_shape), generator=gen, dtype=z.dtype, device="cpu").to(
         z.device
     )
-    probes = site.from_rows(noise * masks)
-    out = site.to_rows(batched(probes))
-    return bool((out.masked_fill(masks, 0.0) == 0).all())
+    tangents = noise * masks
+    if extra is not None:
+        tangents = torch.cat([tangents, extra])
+    out = site.to_rows(batched(site.from_rows(tangents)))
+    clean = bool((out[:bits].masked_fill(masks, 0.0) == 0).all())
+    return clean if extra is None else (clean, out[bits:])
 
 
-def _structure(product, site: Site, gen: torch.Generator, samples_useful: bool = True) -> str:
+def _structure(product, site: Site, gen: torch.Generator, samples_useful: bool = True, rows=None):
     """``"rows"``, ``"samples"`` or ``"coupled"``: which rows of ``z`` interact.
 
     ``samples_useful=False`` skips the second probe (the blocks route would not be taken).
+    ``rows``: a list; when the rows route's unit tangents fit in one chunk
+    (``rows == [chunk]``), they ride along with the first probe and, if the rows are
+    independent, the output Hessian's diagonal ``(N, T, U)`` is appended to ``rows``.
     """
     n, t, u = site.rows_shape
     batched = vmap(product, randomness="same")
     device = site.call.out.device
-    rows = torch.arange(n * t, device=device).reshape(n, t)
-    if _split_is_clean(batched, site, rows, (n, t, u), gen):
+    index = torch.arange(n * t, device=device).reshape(n, t)
+    if rows is not None and u + _probe_cost(site) <= rows[0]:
+        z = site.call.out
+        units = torch.arange(u, device=device)
+        tangents = torch.zeros(u, n, t, u, dtype=z.dtype, device=device)
+        tangents[units, :, :, units] = 1.0
+        clean, out = _split_is_clean(batched, site, index, (n, t, u), gen, tangents)
+        if clean:
+            rows.append(out[units, :, :, units].permute(1, 2, 0))
+    else:
+        clean = _split_is_clean(batched, site, index, (n, t, u), gen)
+    if clean:
         return "rows"
     if not samples_useful:
         return "coupled"
@@ -267,6 +378,7 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
         return diag, routes
     with torch.no_grad():
         calls, value = record(problem.f, problem.params)
+    sites: list[Site] = []
     chained = chain_diagonal(
         calls, value, leaves, residuals=problem.kind == "hessian", compute=not plan_only
     )
@@ -276,16 +388,33 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
             if d is not None:
                 diag[i] = d
     else:
+        sites = _find_sites(calls, leaves)
         gen = torch.Generator().manual_seed(0)
-        for site in progress_bar(
-            _find_sites(calls, leaves), enabled=progress, desc="diagonal by layer"
+        feeders = _feeders(calls, sites)
+        presumed_coupled: set[int] = set()
+        # Last layer first: a layer upstream of one whose rows are coupled has its rows
+        # coupled too (in all but degenerate cases), so it is not probed when only the
+        # rows route could help it; the sweep it then takes is exact all the same.
+        for s in progress_bar(
+            range(len(sites) - 1, -1, -1), enabled=progress, desc="diagonal by layer"
         ):
+            site = sites[s]
+            u = site.rows_shape[2]
             sweep_cost = sum(leaves[i].numel() for i in site.roles.values())
+            blocks_useful = site.supports_blocks and site.cost(True) < sweep_cost
+            if not blocks_useful and (
+                s in presumed_coupled or site.cost(False) + _probe_cost(site) >= sweep_cost
+            ):
+                continue
             if site.cost(False) >= sweep_cost:
                 continue
             product = problem.site_product(site)
-            blocks_useful = site.supports_blocks and site.cost(True) < sweep_cost
-            structure = _structure(product, site, gen, blocks_useful)
+            z = site.call.out
+            fused = u + _probe_cost(site)  # the rows route's products ride with the probe
+            rows_out = None if plan_only else [chunk_size or default_chunk_size(fused, z.numel())]
+            structure = _structure(product, site, gen, blocks_useful, rows_out)
+            if structure != "rows":
+                presumed_coupled |= feeders[s]
             if structure == "rows":
                 route = "rows"
             elif structure == "samples" and blocks_useful:
@@ -296,14 +425,26 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
                 routes[i] = route
             if plan_only:
                 continue
-            run = _site_rows if route == "rows" else _site_blocks
-            for role, d in run(product, site, chunk_size).items():
+            if route == "rows" and len(rows_out) == 2:
+                found = site.diag_rows(rows_out[1])
+            else:
+                run = _site_rows if route == "rows" else _site_blocks
+                found = run(product, site, chunk_size)
+            for role, d in found.items():
                 diag[site.roles[role]] = d.reshape(leaves[site.roles[role]].shape)
-    for i in range(len(leaves)):
-        if i not in routes:
-            routes[i] = "sweep"
-            if not plan_only:
-                diag[i] = problem.leaf_sweep(i, chunk_size, progress)
+    groups: list[list[int]] = []  # a site's unrouted leaves are swept together
+    if chained is None:
+        for site in sites:
+            group = [i for i in site.roles.values() if i not in routes]
+            if group:
+                groups.append(group)
+                routes.update(dict.fromkeys(group, "sweep"))
+    groups += [[i] for i in range(len(leaves)) if i not in routes]
+    for group in groups:
+        routes.update(dict.fromkeys(group, "sweep"))
+        if not plan_only:
+            for i, d in zip(group, problem.group_sweep(group, chunk_size, progress), strict=True):
+                diag[i] = d
     return diag, routes
 
 
