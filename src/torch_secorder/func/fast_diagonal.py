@@ -62,7 +62,7 @@ from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._sites import SITE_FUNCS, Site, make_site
 from torch_secorder.func._tape import Call, PerturbMode, iter_tensors, record
 from torch_secorder.func._tree import PyTree, tree_leaves
-from torch_secorder.func.diagonal import _replace_leaf, leaf_hessian_diagonal
+from torch_secorder.func.diagonal import _replace_leaf, basis_sweep_diagonal, leaf_hessian_diagonal
 from torch_secorder.func.hvp import default_chunk_size
 from torch_secorder.linalg.progress import progress_bar
 from torch_secorder.linalg.trace import chunk_ranges
@@ -207,17 +207,7 @@ def _leaf_ggn_diagonal(model_fn, loss_fn, params, index, chunk_size, progress) -
         curved = jvp(grad(loss_fn), (out,), (tangent,))[1]
         return vjp(output_of_leaf, leaf)[1](curved)[0]
 
-    batched = vmap(ggn_product, randomness="same")
-    pieces = []
-    for start, stop in progress_bar(
-        chunk_ranges(numel, chunk_size), enabled=progress, desc="GGN diagonal sweep"
-    ):
-        rows = torch.arange(stop - start, device=leaf.device)
-        basis = torch.zeros(stop - start, numel, dtype=leaf.dtype, device=leaf.device)
-        basis[rows, rows + start] = 1.0
-        products = batched(basis.reshape(stop - start, *leaf.shape)).reshape(stop - start, numel)
-        pieces.append(products[rows, rows + start])
-    return torch.cat(pieces).reshape(leaf.shape)
+    return basis_sweep_diagonal(ggn_product, leaf, chunk_size, progress, "GGN diagonal sweep")
 
 
 # -- detection --------------------------------------------------------------------
