@@ -478,3 +478,19 @@ def _two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
+
+
+def seeded_tanh_mlp_problem(seed: int, batch: int, d_in: int, hidden: int, d_out: int, kind: str):
+    """A float64 tanh MLP with N(0, 1) weights and data from one seed; ``kind`` "ce" or "mse"."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
+    model = model.to(torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(batch, d_in, generator=g, dtype=torch.float64)
+    if kind == "ce":
+        y = torch.randint(0, d_out, (batch,), generator=g)
+    else:
+        y = torch.randn(batch, d_out, generator=g, dtype=torch.float64)
+    return model, x, y

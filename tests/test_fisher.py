@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import seeded_tanh_mlp_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,18 +24,7 @@ from torch_secorder.approximations import (
 DT = torch.float64
 
 
-def make_problem(seed: int, batch: int, d_in: int, hidden: int, d_out: int, kind: str):
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).to(DT)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
-    x = torch.randn(batch, d_in, generator=g, dtype=DT)
-    if kind == "ce":
-        y = torch.randint(0, d_out, (batch,), generator=g)
-    else:
-        y = torch.randn(batch, d_out, generator=g, dtype=DT)
-    return model, x, y
+make_problem = seeded_tanh_mlp_problem
 
 
 def flat_params(model):
