@@ -76,6 +76,7 @@ class LossProblem:
     names: list[str] | None = None
     model: nn.Module | None = None
     _graph_grads: tuple[Tensor | None, ...] | None = field(default=None, repr=False)
+    _checked_loss: Tensor | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
@@ -141,11 +142,22 @@ class LossProblem:
             out[i] = value
         return out
 
+    def release_checked_loss(self) -> None:
+        """Drop the graph of the validating forward pass (routes that do not use it)."""
+        self._checked_loss = None
+
     def graph_grads(self) -> tuple[Tensor | None, ...]:
-        """Gradient of the loss w.r.t. the active tensors, with its graph kept."""
+        """Gradient of the loss w.r.t. the active tensors, with its graph kept.
+
+        Reuses the forward pass that validated the loss, so the graph routes run
+        the user's forward once per call.
+        """
         if self._graph_grads is None:
             with torch.enable_grad():
-                loss = self.loss_closure()
+                loss = self._checked_loss
+                self._checked_loss = None
+                if loss is None or not loss.requires_grad:
+                    loss = self.loss_closure()
                 tensors = [self.params[i] for i in self.active]
                 self._graph_grads = torch.autograd.grad(
                     loss, tensors, create_graph=True, allow_unused=True
@@ -159,6 +171,7 @@ class LossProblem:
         if strategy == "vmap":
             from torch_secorder.func.hvp import hessian_matmat
 
+            self.release_checked_loss()
             engine_matmat = hessian_matmat(self.pure, self.primals, chunk_size=chunk_size)
             cuda = [self.device] if self.device.type == "cuda" else []
 
@@ -221,9 +234,11 @@ def _check_used(problem: LossProblem, strict: bool) -> None:
     if not strict:
         return
     with torch.enable_grad():
-        loss = problem.loss_closure()
+        loss = problem._checked_loss
+        if loss is None or not loss.requires_grad:
+            loss = problem.loss_closure()
         tensors = [problem.params[i] for i in problem.active]
-        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True, retain_graph=True)
     for i, g in zip(problem.active, grads):
         if g is None:
             raise ValueError(
@@ -262,9 +277,12 @@ def closure_problem(
             rewind()
             return func()
 
+        checked_loss = None
         if scalar:
-            with torch.no_grad():
-                check_loss(loss_closure(), name)
+            # The validating forward pass keeps its graph (when something is
+            # differentiated): the graph routes reuse it instead of a second pass.
+            with torch.set_grad_enabled(bool(active)):
+                checked_loss = check_loss(loss_closure(), name)
 
         def pure(values: tuple[Tensor, ...]) -> Tensor:
             with SubstitutionMode(tensors, values):
@@ -272,6 +290,7 @@ def closure_problem(
 
         primals = tuple(t if create_graph else t.detach() for t in tensors)
         problem = LossProblem(params, active, pure, primals, create_graph, loss_closure, rewind)
+        problem._checked_loss = checked_loss
         _check_used(problem, strict)
         if not active:
             problem.primals = ()

@@ -62,6 +62,7 @@ def active_hessian_diagonal(
     """
     if not problem.active:
         return []
+    problem.release_checked_loss()
     if problem.model is not None and not problem.create_graph and not _draws_random(problem):
         return list(
             _fast.fast_hessian_diagonal(problem.pure, problem.primals, chunk_size, progress)
