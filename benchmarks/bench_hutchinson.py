@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
+import statistics
 import sys
 
 import torch
@@ -107,11 +109,25 @@ def main() -> None:
             "vmap/8": ours(problem, args.probes, "vmap", 8),
             "vmap/32": ours(problem, args.probes, "vmap", 32),
         }
+        runners = {}
         for label, fn in {**candidates, **peers(problem, args.probes)}.items():
             if isinstance(fn, str):
                 row[label] = fn
-                continue
-            row[label] = time_call(fn, repeats=args.repeats, warmup=1) / args.probes
+            else:
+                runners[label] = fn
+        # Interleaved rounds in a shuffled order, so that no implementation always
+        # runs first (allocator and cache warm-up) or last; median over rounds.
+        times: dict[str, list[float]] = {label: [] for label in runners}
+        order = list(runners)
+        rng = random.Random(0)
+        for label in order:  # warm-up
+            runners[label]()
+        for _ in range(args.repeats):
+            rng.shuffle(order)
+            for label in order:
+                times[label].append(time_call(runners[label], repeats=1, warmup=0))
+        for label, values in times.items():
+            row[label] = statistics.median(values) / args.probes
         rows.append(row)
     print(
         f"Hutchinson, seconds per probe ({args.probes} probes, {args.threads} threads, "
