@@ -37,5 +37,10 @@ def benchmarks(session: nox.Session) -> None:
     """Side-by-side benchmarks against the peers (installed by benchmarks/setup_peers.sh)."""
     session.install(TORCH, "-e", ".[test]")
     session.run("bash", "benchmarks/setup_peers.sh", external=True)
-    for script in ("bench_hutchinson.py", "bench_diagonal.py", "bench_api_001.py"):
+    for script in (
+        "bench_hutchinson.py",
+        "bench_diagonal.py",
+        "bench_api_001.py",
+        "bench_analysis_001.py",
+    ):
         session.run("python", f"benchmarks/{script}", *session.posargs)
