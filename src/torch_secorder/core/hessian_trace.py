@@ -220,7 +220,20 @@ def model_hessian_trace_estimate(
     strategy: str = "auto",
     progress: bool = True,
 ) -> TraceEstimate:
-    """Like :func:`model_hessian_trace`, returning ``(estimate, std_error, samples)``."""
+    """Like :func:`model_hessian_trace`, returning ``(estimate, std_error, samples)``.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(4, 1)).double()
+        >>> x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+        >>> y = torch.randn(8, 1, generator=g, dtype=torch.float64)
+        >>> est = model_hessian_trace_estimate(model, torch.nn.functional.mse_loss, x, y, 10,
+        ...                                    generator=g)
+        >>> est.samples.shape, bool(est.std_error > 0)
+        (torch.Size([10]), True)
+    """
     with module_problem(
         model, loss_fn, inputs, targets, strict=strict, create_graph=create_graph
     ) as problem:

@@ -39,7 +39,13 @@ def tree_map(fn, tree: PyTree, *rest: PyTree) -> PyTree:
 
 
 def tree_numel(tree: PyTree) -> int:
-    """Number of scalar entries over all leaves."""
+    """Number of scalar entries over all leaves.
+
+    Example:
+        >>> import torch
+        >>> tree_numel({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+        9
+    """
     return sum(leaf.numel() for leaf in tree_leaves(tree))
 
 
