@@ -184,6 +184,73 @@ def test_deep_chain_with_every_term():
             assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)
 
 
+def conv_chain(dim, act, stride, padding, dilation, seed, n, classes):
+    """conv -> act -> conv -> act -> flatten -> linear, on a 1-d or 2-d input."""
+    torch.manual_seed(seed)
+    conv = nn.Conv1d if dim == 1 else nn.Conv2d
+    a = ACTS[act]
+    x = torch.randn(n, 2, *([6] * dim), dtype=DT)
+    body = nn.Sequential(
+        conv(2, 3, 2, padding=padding, dilation=dilation),
+        a(),
+        conv(3, 2, 2, stride=stride, padding=padding),
+        a(),
+        nn.Flatten(),
+    ).to(DT)
+    width = body(x).shape[1]
+    return nn.Sequential(*body, nn.Linear(width, classes)).to(DT), x
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    dim=st.sampled_from([1, 2]),
+    act=st.sampled_from(["tanh", "sigmoid"]),
+    stride=st.sampled_from([1, 2]),
+    padding=st.sampled_from([0, 1]),
+    dilation=st.sampled_from([1, 2]),
+    loss=st.sampled_from(["mse", "ce"]),
+    reduction=st.sampled_from(["mean", "sum"]),
+    n=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_chain_through_convolutions(dim, act, stride, padding, dilation, loss, reduction, n, seed):
+    """Convolutions on the chain route: exact against the dense Hessian."""
+    classes = 3
+    model, x = conv_chain(dim, act, stride, padding, dilation, seed, n, classes)
+    loss_fn, y = loss_and_target(loss, reduction, n, classes)
+    assert set(plan_of(model, loss_fn, x, y).values()) == {"chain"}
+    fast = model_hessian_diagonal(model, loss_fn, x, y, progress=False)
+    for a, b in zip(fast, dense_diagonal(model, loss_fn, x, y), strict=True):
+        assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0), (a.reshape(-1) - b).abs().max()
+
+
+def test_convolutions_off_the_chain_stay_exact(monkeypatch):
+    """Grouped convolutions, reflect padding inside the chain and too many columns take
+    the old routes (reflect padding of the data itself is a constant: chain)."""
+    ce = nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 2, 4, 4, dtype=DT), torch.tensor([0, 2])
+    for conv, chained in (
+        (nn.Conv2d(2, 2, 3, padding=1, groups=2), False),
+        (nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), False),
+        (nn.Conv2d(2, 2, 3, padding=1, dilation=2, padding_mode="reflect"), True),
+    ):
+        first = conv if chained else nn.Conv2d(2, 2, 1)
+        second = nn.Conv2d(2, 2, 1) if chained else conv
+        width = 8 if conv.dilation == (2, 2) else 32
+        model = nn.Sequential(first, nn.Tanh(), second, nn.Flatten(), nn.Linear(width, 3))
+        model = model.to(DT)
+        plan = plan_of(model, ce, x, y)
+        assert (plan["0.weight"] == "chain") == chained
+        fast = model_hessian_diagonal(model, ce, x, y, progress=False)
+        for a, b in zip(fast, dense_diagonal(model, ce, x, y), strict=True):
+            assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)
+    model, x = conv_chain(2, "tanh", 2, 1, 1, 0, 2, 3)
+    assert set(plan_of(model, ce, x, y).values()) == {"chain"}
+    monkeypatch.setattr("torch_secorder.func._chain._LIMIT", 50)
+    assert "chain" not in plan_of(model, ce, x, y).values()
+
+
 def test_routes_are_taken_where_they_should_be():
     ce = nn.CrossEntropyLoss()
     torch.manual_seed(0)
@@ -225,7 +292,9 @@ def test_routes_are_taken_where_they_should_be():
     conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 1)).to(DT)
     xc, yc = torch.randn(2, 2, 5, 5, dtype=DT), torch.randn(2, 4, 5, 5, dtype=DT)
     assert set(plan_of(conv, nn.MSELoss(), xc, yc).values()) == {"rows"}
-    conv = nn.Sequential(conv, nn.Flatten(), nn.Linear(100, 3)).to(DT)
+    # (a grouped convolution keeps it off the chain route)
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.Conv2d(4, 4, 1))
+    conv = nn.Sequential(grouped, nn.Flatten(), nn.Linear(100, 3)).to(DT)
     plan = plan_of(conv, ce, xc, y[:2])
     assert plan["0.0.weight"] == "sweep" and plan["2.weight"] == "rows"
     # ... and the 1x1 convolution is not even probed where the probe (6 products, one per
@@ -309,7 +378,7 @@ def test_layers_upstream_of_coupled_rows_are_not_probed(monkeypatch):
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1),
         nn.Tanh(),
-        nn.Conv2d(3, 3, 3, stride=2, padding=1),
+        nn.Conv2d(3, 3, 3, stride=2, padding=1, padding_mode="reflect"),  # not a chain
         nn.Tanh(),
         nn.Flatten(),
         nn.Linear(27, 4),

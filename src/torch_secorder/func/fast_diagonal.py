@@ -9,7 +9,8 @@ rounding.
 
 **Chain route** (``"chain"``).  When the whole loss is a chain
 ``linear -> elementwise -> ... -> linear -> loss`` on ``(N, D)`` activations
-(``F.linear``, elementwise activations, ``flatten``, eval dropout, ending in
+(``F.linear``, zero-padded ungrouped ``F.conv1d``/``F.conv2d`` before a
+``flatten``, elementwise activations, eval dropout, ending in
 ``F.mse_loss`` or ``F.cross_entropy``), the Hessian with respect to each layer
 output :math:`z_l` is propagated backwards in closed form, as in BackPACK's
 ``DiagHessian``, but keeping diagonal terms diagonal:
