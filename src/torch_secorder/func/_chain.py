@@ -40,6 +40,7 @@ recorded, so they match autograd's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -227,12 +228,7 @@ def _parse(calls: list[Call], value: Tensor, leaves: list[Tensor]):  # noqa: C90
                 return None
             if id(w) in produced or (isinstance(b, Tensor) and id(b) in produced):
                 return None
-            roles = {}
-            if id(w) in leaf_ids:
-                roles["weight"] = leaf_ids[id(w)]
-            if isinstance(b, Tensor) and id(b) in leaf_ids:
-                roles["bias"] = leaf_ids[id(b)]
-            steps.append(_Linear(x, w, roles))
+            steps.append(_Linear(x, w, _roles(w, b, leaf_ids)))
         elif func in _CONVS:
             step = _parse_conv(call, cur, produced, leaf_ids)
             if step is None:
@@ -286,6 +282,16 @@ def _pair(v, dim: int, fill: int) -> tuple[int, int] | None:
     return (fill, *v) if dim == 1 else tuple(v)
 
 
+def _roles(w: Any, b: Any, leaf_ids: dict[int, int]) -> dict[str, int]:
+    """Which parameter leaves a layer's weight and bias are (if they are leaves)."""
+    roles = {}
+    if id(w) in leaf_ids:
+        roles["weight"] = leaf_ids[id(w)]
+    if isinstance(b, Tensor) and id(b) in leaf_ids:
+        roles["bias"] = leaf_ids[id(b)]
+    return roles
+
+
 def _parse_conv(call: Call, cur, produced: set[int], leaf_ids: dict[int, int]) -> _Conv | None:
     """A :class:`_Conv` step for a zero-padded, ungrouped ``F.conv1d``/``F.conv2d`` call."""
     dim = _CONVS[call.func]
@@ -314,11 +320,7 @@ def _parse_conv(call: Call, cur, produced: set[int], leaf_ids: dict[int, int]) -
     padding = _pair(padding, dim, 0)
     if stride is None or dilation is None or padding is None:
         return None
-    roles = {}
-    if id(w) in leaf_ids:
-        roles["weight"] = leaf_ids[id(w)]
-    if isinstance(b, Tensor) and id(b) in leaf_ids:
-        roles["bias"] = leaf_ids[id(b)]
+    roles = _roles(w, b, leaf_ids)
     out = call.out
     if dim == 1:
         x, w, out_hw = x.unsqueeze(2), w.unsqueeze(2), (1, out.shape[2])
