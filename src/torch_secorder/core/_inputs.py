@@ -7,7 +7,6 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -100,7 +99,3 @@ def as_vector_list(v: Any, params: Sequence[Tensor], name: str = "v") -> list[Te
             )
         out.append(vi.to(dtype=p.dtype, device=p.device))
     return out
-
-
-def same_dtype_zeros(p: Tensor) -> Tensor:
-    return torch.zeros_like(p, memory_format=torch.contiguous_format)
