@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import check_module
+from torch_secorder.core._inputs import check_module, check_positive_int
 from torch_secorder.core._problem import closure_problem
 from torch_secorder.func._tree import tree_unravel
 from torch_secorder.linalg.eigen import EigenResult, lanczos_eigsh, subspace_iteration
@@ -46,12 +46,6 @@ def _default_device(device: torch.device | str | None) -> torch.device:
     if device is None:  # 0.0.1's default
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def power_iteration(
@@ -104,8 +98,8 @@ def power_iteration(
         >>> [round(float(v), 6) for v in vals], tuple(vecs.shape)
         ([-4.0, 2.0], (3, 2))
     """
-    _check_count(num_iterations, "num_iterations")
-    _check_count(num_vectors, "num_vectors")
+    check_positive_int(num_iterations, "num_iterations")
+    check_positive_int(num_vectors, "num_vectors")
     if not callable(matrix_vector_product):
         raise TypeError(
             f"matrix_vector_product must be callable, got {type(matrix_vector_product).__name__}"
@@ -179,8 +173,8 @@ def lanczos(
         >>> round(float(vals[0]), 10)
         2.0
     """
-    _check_count(num_iterations, "num_iterations")
-    _check_count(num_vectors, "num_vectors")
+    check_positive_int(num_iterations, "num_iterations")
+    check_positive_int(num_vectors, "num_vectors")
     if not callable(matrix_vector_product):
         raise TypeError(
             f"matrix_vector_product must be callable, got {type(matrix_vector_product).__name__}"
@@ -272,8 +266,8 @@ def model_eigenvalues(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_count(num_eigenvalues, "num_eigenvalues")
-    _check_count(num_iterations, "num_iterations")
+    check_positive_int(num_eigenvalues, "num_eigenvalues")
+    check_positive_int(num_iterations, "num_iterations")
     params = list(model.parameters())
     if not params:
         raise ValueError("model has no parameters: nothing to differentiate")

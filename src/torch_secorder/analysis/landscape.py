@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from torch_secorder.core._inputs import as_vector_list, check_loss, check_module
+from torch_secorder.core._inputs import as_vector_list, check_loss, check_module, check_positive_int
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.linalg.trace import chunk_ranges
 
@@ -47,12 +47,6 @@ def _check_range(value: Any, name: str) -> tuple[float, float]:
     ):
         raise ValueError(f"{name} must be a pair of numbers (low, high), got {value!r}")
     return float(value[0]), float(value[1])
-
-
-def _check_points(num_points: Any) -> int:
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-        raise ValueError(f"num_points must be a positive int, got {num_points!r}")
-    return num_points
 
 
 def _loss_grid(
@@ -168,7 +162,7 @@ def compute_loss_surface_1d(
         (tensor([-1.,  0.,  1.]), tensor([0., 1., 4.]))
     """
     low, high = _check_range(alpha_range, "alpha_range")
-    num_points = _check_points(num_points)
+    num_points = check_positive_int(num_points, "num_points")
 
     def coeffs_of(dtype: torch.dtype, device: torch.device) -> Tensor:
         return torch.linspace(low, high, num_points, dtype=dtype, device=device)[:, None]
@@ -228,7 +222,7 @@ def compute_loss_surface_2d(
     """
     a_low, a_high = _check_range(alpha_range, "alpha_range")
     b_low, b_high = _check_range(beta_range, "beta_range")
-    num_points = _check_points(num_points)
+    num_points = check_positive_int(num_points, "num_points")
 
     def coeffs_of(dtype: torch.dtype, device: torch.device) -> Tensor:
         alphas = torch.linspace(a_low, a_high, num_points, dtype=dtype, device=device)

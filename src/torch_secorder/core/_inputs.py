@@ -14,6 +14,7 @@ __all__ = [
     "check_loss",
     "check_module",
     "check_num_samples",
+    "check_positive_int",
     "as_vector_list",
 ]
 
@@ -67,6 +68,13 @@ def check_num_samples(num_samples: Any, name: str = "num_samples") -> int:
     if num_samples < 1:
         raise ValueError(f"{name} must be >= 1, got {num_samples}")
     return num_samples
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """A positive integer count (iterations, vectors, grid points)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def check_module(model: Any, name: str = "model") -> nn.Module:
