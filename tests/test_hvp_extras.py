@@ -60,7 +60,7 @@ def test_approximate_hvp_within_step_derived_tolerance(problem, seed, levels):
     before = [p.detach().clone() for p in params]
     v = problem.random_vector(seed)
     expected = problem.list_hessian() @ flat(v)
-    got = approximate_hvp(func, params, v if len(v) > 1 else v[0], num_samples=levels)
+    got = approximate_hvp(func, params, v if len(v) > 1 else v[0], richardson_levels=levels)
     tol = fd_tolerance(flat(params).detach(), flat(v), levels, DTYPE, scale=10.0)
     err = float((flat(got) - expected).abs().max())
     assert err <= tol, f"error {err:.3g} > bound {tol:.3g}"
@@ -139,6 +139,49 @@ def test_parameters_unchanged_when_func_raises():
     assert torch.equal(x, before) and x.grad is None and x.requires_grad
 
 
+@SETTINGS
+@given(
+    problem=st.one_of(mlp_problems(), quadratic_problems(), cubic_problems()),
+    seed=st.integers(0, 2**31 - 1),
+    num_samples=st.sampled_from([2, 7, 200, 10**6]),
+    levels=st.integers(1, 2),
+)
+def test_num_samples_keeps_its_001_meaning(problem, seed, num_samples, levels):
+    """0.0.1 averaged ``num_samples`` identical differences: any count gives the same product.
+
+    (Until this release ``num_samples`` was the Richardson level count, and 0.0.1's
+    ``num_samples=200`` raised ``OverflowError`` on ``4**199``.)
+    """
+    func, params = problem.closure()
+    v = problem.random_vector(seed)
+    v_arg = v if len(v) > 1 else v[0]
+    once = approximate_hvp(func, params, v_arg, richardson_levels=levels)
+    many = approximate_hvp(func, params, v_arg, num_samples, 0.0, richardson_levels=levels)
+    assert torch.equal(flat(many), flat(once))  # bit for bit: computed once
+    expected = problem.list_hessian() @ flat(v)
+    tol = fd_tolerance(flat(params).detach(), flat(v), levels, DTYPE, scale=10.0)
+    assert float((flat(many) - expected).abs().max()) <= tol
+
+
+def test_richardson_levels_reduce_the_error():
+    """Against the exact product of a smooth non-polynomial loss, in float64."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, generator=g, dtype=DTYPE, requires_grad=True)
+    v = torch.randn(5, generator=g, dtype=DTYPE)
+
+    def func():
+        return torch.sin(x).pow(2).sum() * torch.exp(0.3 * x).sum()
+
+    exact = exact_hvp(func, [x], v)
+    errors = [
+        float((approximate_hvp(func, [x], v, richardson_levels=k) - exact).abs().max())
+        for k in (1, 2, 3)
+    ]
+    for k, err in zip((1, 2, 3), errors, strict=True):
+        assert err <= fd_tolerance(x.detach(), v, k, DTYPE, scale=10.0)
+    assert errors[1] < errors[0] and errors[2] < errors[0]
+
+
 def test_approximate_hvp_bad_input():
     x = torch.ones(2, dtype=DTYPE, requires_grad=True)
 
@@ -152,6 +195,14 @@ def test_approximate_hvp_bad_input():
         approximate_hvp(func, [x], v, num_samples=1.5)
     with pytest.raises(TypeError, match="damping must be a real number, got str"):
         approximate_hvp(func, [x], v, damping="a")
+    with pytest.raises(ValueError, match="richardson_levels must be between 1 and 8, got 0"):
+        approximate_hvp(func, [x], v, richardson_levels=0)
+    with pytest.raises(ValueError, match="richardson_levels must be between 1 and 8, got 200"):
+        approximate_hvp(func, [x], v, richardson_levels=200)
+    with pytest.raises(TypeError, match="richardson_levels must be an int, got float"):
+        approximate_hvp(func, [x], v, richardson_levels=2.0)
+    with pytest.raises(TypeError, match="richardson_levels must be an int, got bool"):
+        approximate_hvp(func, [x], v, richardson_levels=True)
     with pytest.raises(ValueError, match="damping must be finite"):
         approximate_hvp(func, [x], v, damping=float("inf"))
     with pytest.raises(ValueError, match=r"v\[0\] has shape \(3,\)"):

@@ -176,6 +176,24 @@ def _check_damping(damping: Any) -> float:
     return float(damping)
 
 
+#: Largest accepted ``richardson_levels`` of :func:`approximate_hvp`: the finest
+#: step is :math:`h/2^{k-1}`, and past a few levels rounding, not truncation,
+#: dominates the error.
+MAX_RICHARDSON_LEVELS = 8
+
+
+def check_richardson_levels(levels: Any, name: str = "richardson_levels") -> int:
+    """An int number of Richardson levels in ``[1, MAX_RICHARDSON_LEVELS]``."""
+    if isinstance(levels, bool) or not isinstance(levels, int):
+        raise TypeError(f"{name} must be an int, got {type(levels).__name__}")
+    if not 1 <= levels <= MAX_RICHARDSON_LEVELS:
+        raise ValueError(
+            f"{name} must be between 1 and {MAX_RICHARDSON_LEVELS}, got {levels} (the number "
+            "of central differences at halved steps combined by Richardson extrapolation)"
+        )
+    return levels
+
+
 def fd_step(theta_norm: float, v_norm: float, dtype: torch.dtype, levels: int = 1) -> float:
     r"""Step :math:`h` of the central difference along ``v`` (see :func:`approximate_hvp`).
 
@@ -188,7 +206,8 @@ def fd_step(theta_norm: float, v_norm: float, dtype: torch.dtype, levels: int = 
 
 
 def problem_fd_hvp(problem: LossProblem, v: list[Tensor], levels: int = 1) -> list[Tensor]:
-    """Central-difference (Richardson-extrapolated) ``H v`` at the problem's point."""
+    """Central-difference ``H v`` at the problem's point, Richardson over ``levels`` levels."""
+    levels = check_richardson_levels(levels, "levels")
     if not problem.active:
         return [torch.zeros_like(p) for p in problem.params]
     like = [p.detach() for p in problem.primals]
@@ -230,6 +249,8 @@ def approximate_hvp(
     v: Tensor | list[Tensor],
     num_samples: int = 1,
     damping: float = 0.0,
+    *,
+    richardson_levels: int = 1,
 ) -> Tensor | list[Tensor]:
     r"""Finite-difference Hessian-vector product plus damping, :math:`(H + \lambda I) v`.
 
@@ -249,7 +270,7 @@ def approximate_hvp(
     error is :math:`O(\varepsilon^{2/3})` relative, about :math:`4\cdot10^{-11}`
     in float64 and :math:`2\cdot10^{-5}` in float32.
 
-    ``num_samples`` = :math:`k` central differences at steps
+    ``richardson_levels`` = :math:`k` central differences at steps
     :math:`h, h/2, \dots, h/2^{k-1}` combined by Richardson extrapolation,
     which cancels the error terms :math:`h^2, \dots, h^{2k-2}`; the step is then
     :math:`h = \varepsilon^{1/(2k+1)} (1 + \|\theta\|)/\|v\|`.  Cost: :math:`2k`
@@ -261,14 +282,23 @@ def approximate_hvp(
     parameters in place, and averaged ``num_samples`` identical copies of it.
     Here the gradients at the shifted points are evaluated on new tensors
     substituted for ``params``: the parameters stay bit for bit as they were.
-    ``damping * v`` is added for any ``damping`` (0.0.1: only when positive).
+    ``num_samples`` keeps 0.0.1's meaning: the average of that many identical
+    differences is the difference itself, so it is validated and computed once
+    (any value gives the same result, at the cost of one).  Richardson
+    extrapolation is the new keyword ``richardson_levels``.  ``damping * v`` is
+    added for any ``damping`` (0.0.1: only when positive).
 
     Args:
         func: Zero-argument closure returning a scalar loss; it reads ``params``.
         params: A tensor or list of tensors.
         v: Tensor (one parameter) or list of tensors shaped like ``params``.
-        num_samples: Richardson levels :math:`k \ge 1` (1: plain central difference).
+        num_samples: 0.0.1's number of identical samples to average, an int
+            :math:`\ge 1`; it does not change the result (see above).
         damping: :math:`\lambda`, added as :math:`\lambda v`.
+        richardson_levels: Richardson levels :math:`k`, an int with
+            :math:`1 \le k \le` :data:`MAX_RICHARDSON_LEVELS` (1: plain central
+            difference).  Beyond a few levels the finest step is so small that
+            rounding dominates: :math:`k = 2` or :math:`3` is usually the best.
 
     Returns:
         One tensor for a single parameter, else a list.  A tensor that does not
@@ -280,8 +310,15 @@ def approximate_hvp(
         >>> hv = approximate_hvp(lambda: (x ** 3).sum(), [x], torch.ones(2, dtype=torch.float64))
         >>> torch.allclose(hv, torch.tensor([6.0, 12.0], dtype=torch.float64), rtol=1e-9)
         True
+        >>> x2 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> hv2 = approximate_hvp(
+        ...     lambda: (x2 ** 4).sum(), x2, torch.ones(2, dtype=torch.float64), richardson_levels=3
+        ... )
+        >>> torch.allclose(hv2, 12 * x2.detach() ** 2, rtol=1e-12)
+        True
     """
-    levels = check_num_samples(num_samples)
+    check_num_samples(num_samples)
+    levels = check_richardson_levels(richardson_levels)
     damping = _check_damping(damping)
     with closure_problem(func, params) as problem:
         vectors = as_vector_list(v, problem.params)
