@@ -108,7 +108,7 @@ def main() -> None:
     )
     case(
         "gauss_newton_matrix_approximation",
-        f"ours: dense {n}x{n} GGN J^T H J; 0.0.1: diag(J^T J) by one backward per output (320)",
+        "ours: exact diag of the GGN J^T H J; 0.0.1: diag(J^T J) by one backward per output (320)",
         lambda: ours.gauss_newton_matrix_approximation(model, loss_fn, x, y),
         lambda: old.gauss_newton_matrix_approximation(model, loss_fn, x, y),
         repeats=max(1, args.repeats // 2),

@@ -128,7 +128,7 @@ def test_type2_fisher_ce_equals_ggn_and_definition(spec):
     torch.testing.assert_close(diag, definition.diagonal(), rtol=1e-10, atol=1e-12)
     trace = generalized_fisher_trace(model, model(x), y)
     torch.testing.assert_close(trace, definition.trace(), rtol=1e-10, atol=1e-12)
-    dense = torch_secorder.gauss_newton_matrix_approximation(model, nn.CrossEntropyLoss(), x, y)
+    dense = torch_secorder.gauss_newton_matrix(model, nn.CrossEntropyLoss(), x, y)
     torch.testing.assert_close(dense, definition, rtol=1e-10, atol=1e-12)
     summed = flat(generalized_fisher_diagonal(model, model(x), y, "CE", reduction="sum"))
     torch.testing.assert_close(summed, x.shape[0] * definition.diagonal(), rtol=1e-10, atol=1e-12)

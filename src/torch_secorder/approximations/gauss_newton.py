@@ -1,4 +1,4 @@
-r"""The dense generalised Gauss-Newton matrix of a model's loss.
+r"""The generalised Gauss-Newton (GGN) matrix of a model's loss: its diagonal and the dense matrix.
 
 .. math::
     G = J^\top H_{\mathrm{out}} J, \qquad
@@ -7,21 +7,31 @@ r"""The dense generalised Gauss-Newton matrix of a model's loss.
 
 for the whole batch (:math:`M` = number of output entries, :math:`n` = number of
 parameters that require grad, flattened and concatenated in the order of
-``model.parameters()``).  :math:`J` comes from ``vmap`` over :math:`M`
-vector-Jacobian products (or over :math:`n` Jacobian-vector products when
-:math:`M > n`); :math:`H_{\mathrm{out}}` from vmapped Hessian-vector products of
-the loss as a function of the outputs: the dense :math:`M \times M` matrix when
-:math:`M \le n`, else its products with the columns of :math:`J`.
-It is the Hessian with the second derivatives of the network dropped, positive
-semi-definite when the loss is convex in the outputs; for cross-entropy and
-squared error it equals the type-2 Fisher (see
+``model.parameters()``).  It is the Hessian with the second derivatives of the
+network dropped, positive semi-definite when the loss is convex in the outputs;
+for cross-entropy and squared error it equals the type-2 Fisher (see
 :mod:`torch_secorder.approximations.fisher_diagonal`).
+
+* :func:`gauss_newton_matrix_approximation` (0.0.1's name and return format):
+  the diagonal :math:`G_{ii} = \sum_{a,b} J_{ai} (H_{\mathrm{out}})_{ab} J_{bi}`,
+  one tensor per parameter that requires grad.  It takes the engine's exact
+  routes (:func:`torch_secorder.func.ggn_diagonal`) and, with
+  ``create_graph=True`` or a model that draws random numbers (dropout in
+  training mode), chunks of columns of :math:`J` by vmapped Jacobian-vector
+  products, each multiplied by :math:`H_{\mathrm{out}}` in output space.
+* :func:`gauss_newton_matrix`: the dense :math:`n \times n` matrix.  :math:`J`
+  comes from ``vmap`` over :math:`M` vector-Jacobian products (or over :math:`n`
+  Jacobian-vector products when :math:`M > n`); :math:`H_{\mathrm{out}}` from
+  vmapped Hessian-vector products of the loss as a function of the outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,13 +42,23 @@ from torch_secorder.core._inputs import check_loss, check_module
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
+from torch_secorder.func.fast_diagonal import ggn_diagonal
 from torch_secorder.func.hvp import hvp
 from torch_secorder.linalg.trace import chunk_ranges
 
-__all__ = ["GGNTooLargeError", "available_memory", "gauss_newton_matrix_approximation"]
+__all__ = [
+    "GGNTooLargeError",
+    "available_memory",
+    "gauss_newton_matrix",
+    "gauss_newton_matrix_approximation",
+]
 
 #: Fallback memory bound when the free memory cannot be read (2 GiB).
 FALLBACK_MAX_BYTES = 2**31
+
+#: Default number of entries of :math:`J` (and of :math:`H_{\mathrm{out}} J`) held
+#: per chunk by the column route of the diagonal.
+CHUNK_ENTRIES = 2**24
 
 
 class GGNTooLargeError(MemoryError, ValueError):
@@ -57,7 +77,195 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def _check_chunk_size(chunk_size: Any) -> int | None:
+    """``None`` or an int >= 1 (``TypeError`` for another type, ``ValueError`` below 1)."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+@dataclass
+class _GGNProblem:
+    """The pieces shared by the diagonal and the dense matrix."""
+
+    names: list[str]  # names of the parameters that require grad
+    active: list[Tensor]  # those parameters
+    out_fn: Callable[[dict[str, Tensor]], Tensor]  # pure: parameters -> model output
+    loss_of_out: Callable[[Tensor], Tensor]  # pure: output -> loss
+    m: int  # number of output entries
+    draws_random: bool  # one forward pass consumes the global RNG
+
+    @property
+    def n(self) -> int:
+        return sum(p.numel() for p in self.active)
+
+    def point(self, create_graph: bool) -> dict[str, Tensor]:
+        return {
+            name: (p if create_graph else p.detach())
+            for name, p in zip(self.names, self.active, strict=True)
+        }
+
+
+@contextlib.contextmanager
+def _ggn_problem(
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Any, targets: Any
+) -> Iterator[_GGNProblem]:
+    """Check the arguments, run one forward pass, and keep the user's state while in use."""
+    check_module(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    active = [(name, p) for name, p in named if p.requires_grad]
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    with preserved_state(params, model) as rewind:
+
+        @differentiable  # forward-mode through attention needs the math kernel
+        def out_fn(values: dict[str, Tensor]) -> Tensor:
+            rewind()  # the same buffers and random stream for every evaluation
+            return functional_call(model, values, args)
+
+        loss_of_out = differentiable(lambda out: loss_fn(out, targets))
+        like = active[0][1] if active else (params[0] if params else None)
+        device = like.device if like is not None else torch.device("cpu")
+        before = _rng_states(device)
+        with torch.no_grad():
+            probe = out_fn({name: p for name, p in active})
+            if not isinstance(probe, Tensor):
+                raise TypeError(f"model(inputs) must return a tensor, got {type(probe).__name__}")
+            check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
+        after = _rng_states(device)
+        yield _GGNProblem(
+            names=[name for name, _ in active],
+            active=[p for _, p in active],
+            out_fn=out_fn,
+            loss_of_out=loss_of_out,
+            m=probe.numel(),
+            draws_random=any(not torch.equal(a, b) for a, b in zip(before, after)),
+        )
+
+
+def _diagonal_by_columns(
+    problem: _GGNProblem, create_graph: bool, chunk_size: int | None
+) -> list[Tensor]:
+    r""":math:`G_{ii} = J_{:,i}^\top H_{\mathrm{out}} J_{:,i}` over chunks of columns of :math:`J`.
+
+    Each chunk: one vmapped Jacobian-vector product per one-hot tangent (one
+    forward pass, the same random draws as every other), then one vmapped
+    loss-Hessian product per column.  Differentiable when ``create_graph``.
+    """
+    n, m = problem.n, problem.m
+    point = problem.point(create_graph)
+    step = chunk_size or max(1, CHUNK_ENTRIES // max(m, 1))
+    with torch.enable_grad():
+        out = problem.out_fn(point)
+        o = out if create_graph else out.detach()
+        like = problem.active[0]
+        pieces = []
+        for a, b in chunk_ranges(n, step):
+            basis = torch.zeros(b - a, n, dtype=like.dtype, device=like.device)
+            basis[torch.arange(b - a), torch.arange(a, b)] = 1
+            tangents = dict(zip(problem.names, tree_unravel(basis, problem.active), strict=True))
+            cols = vmap(lambda t: jvp(problem.out_fn, (point,), (t,))[1], randomness="same")(
+                tangents
+            )  # (b - a, *out.shape): columns a..b-1 of J
+            h_cols = vmap(lambda c: hvp(problem.loss_of_out, o, c))(cols)
+            pieces.append((cols * h_cols).reshape(b - a, m).sum(-1))
+        diag = torch.cat(pieces)
+    if not create_graph:
+        diag = diag.detach()
+    return list(tree_unravel(diag, problem.active))
+
+
 def gauss_newton_matrix_approximation(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Any,
+    targets: Any,
+    create_graph: bool = False,
+    *,
+    chunk_size: int | None = None,
+) -> list[Tensor]:
+    r"""Exact diagonal of the GGN :math:`J^\top H_{\mathrm{out}} J` of the loss of ``model``.
+
+    .. math::
+        G_{ii} = \sum_{a,b} \frac{\partial f_a}{\partial \theta_i}
+                 \frac{\partial^2 \mathrm{loss}}{\partial f_a \partial f_b}
+                 \frac{\partial f_b}{\partial \theta_i}.
+
+    For ``nn.MSELoss()`` (mean over :math:`N` samples of :math:`D` outputs),
+    :math:`H_{\mathrm{out}} = \frac{2}{ND} I` and
+    :math:`G = \frac{2}{ND} J^\top J`; for ``nn.MSELoss(reduction="sum")``,
+    :math:`2 J^\top J`.  Any loss is accepted: its Hessian with respect to the
+    outputs is computed, not assumed.  The routes are those of
+    :func:`torch_secorder.func.ggn_diagonal` (a closed-form backward pass for
+    linear/activation chains, a few products per layer, a one-hot sweep for the
+    rest); with ``create_graph=True``, or when the model draws random numbers
+    (dropout in training mode: one mask for the whole call), chunks of columns
+    of :math:`J` by vmapped Jacobian-vector products.  Nothing of the model
+    changes (batch norm running statistics included).  The dense matrix is
+    :func:`gauss_newton_matrix`.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar (any loss).
+        inputs: Model input (a tuple is unpacked into positional arguments).
+        targets: Second argument of ``loss_fn``.
+        create_graph: Make the result differentiable w.r.t. the parameters.
+        chunk_size: Columns of :math:`J` per vmapped call (default: about
+            ``2**24`` entries of :math:`J` per chunk).
+
+    Returns:
+        One tensor per parameter of ``model`` that requires grad, shaped like it,
+        in the order of ``model.parameters()`` (frozen parameters are left out, as
+        in 0.0.1).  A model with no parameter that requires grad gives ``[]``
+        with a warning.
+
+    Differences from 0.0.1: 0.0.1 accepted only MSE losses (``ValueError``
+    otherwise) and returned :math:`\operatorname{diag}(J^\top J)`, the GGN of
+    :math:`\frac12 \|f - y\|^2`, whatever the loss's reduction: for
+    ``nn.MSELoss()`` that is :math:`\frac{ND}{2}` times the GGN of the loss
+    given.  Here the result is the GGN diagonal of the loss given, for any loss
+    (for ``nn.L1Loss``, whose second derivative vanishes, it is zero).  The
+    dense matrix that 0.1.0 development versions returned under this name is
+    :func:`gauss_newton_matrix`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> x, y = torch.tensor([[1.0, 2.0]]), torch.zeros(1, 1)
+        >>> gauss_newton_matrix_approximation(model, torch.nn.MSELoss(), x, y)
+        [tensor([[2., 8.]])]
+    """
+    _check_chunk_size(chunk_size)
+    with _ggn_problem(model, loss_fn, inputs, targets) as problem:
+        if not problem.active:
+            warnings.warn(
+                "gauss_newton_matrix_approximation: model has no parameter that requires "
+                "grad; returning an empty list",
+                stacklevel=2,
+            )
+            return []
+        if create_graph or problem.draws_random:
+            return _diagonal_by_columns(problem, create_graph, chunk_size)
+        diag = ggn_diagonal(
+            problem.out_fn, problem.loss_of_out, problem.point(False), chunk_size=chunk_size
+        )
+        return [diag[name] for name in problem.names]
+
+
+def gauss_newton_matrix(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     inputs: Any,
@@ -73,7 +281,8 @@ def gauss_newton_matrix_approximation(
     before allocating anything when the matrix and its intermediates,
     :math:`(n^2 + 2Mn + \min(M, n)^2)` entries, would exceed ``max_bytes``.
     Nothing of the model changes (batch norm running statistics included); in
-    training mode dropout uses one mask.
+    training mode dropout uses one mask.  Its diagonal alone, without the
+    :math:`n^2` memory, is :func:`gauss_newton_matrix_approximation`.
 
     Args:
         model: The network.
@@ -88,47 +297,25 @@ def gauss_newton_matrix_approximation(
             used when :math:`M > n`).
 
     Returns:
-        An ``(n, n)`` tensor.
+        An ``(n, n)`` tensor over the parameters that require grad, flattened and
+        concatenated in the order of ``model.parameters()``.
 
-    Differences from 0.0.1: 0.0.1 accepted only MSE losses and returned the
-    diagonal of :math:`J^\top J` (without the loss's factor :math:`2/(ND)`) in
-    list format, whatever its name said; this returns the dense matrix, for any
-    loss, including the loss Hessian.
+    New in 0.1.0 (0.0.1 had no dense GGN).
 
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(2, 1, bias=False)
         >>> x, y = torch.tensor([[1.0, 2.0]]), torch.zeros(1, 1)
-        >>> gauss_newton_matrix_approximation(model, torch.nn.MSELoss(), x, y)
+        >>> gauss_newton_matrix(model, torch.nn.MSELoss(), x, y)
         tensor([[2., 4.],
                 [4., 8.]])
     """
-    check_module(model)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    named = list(model.named_parameters())
-    active = [(name, p) for name, p in named if p.requires_grad]
-    if not active:
-        raise ValueError("model has no parameter that requires grad: nothing to differentiate")
-    params = [p for _, p in named]
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    names = [name for name, _ in active]
-    like = active[0][1]
-    n = sum(p.numel() for _, p in active)
-
-    with preserved_state(params, model) as rewind:
-
-        def out_fn(values: dict[str, Tensor]) -> Tensor:
-            rewind()
-            return functional_call(model, values, args)
-
-        loss_of_out = differentiable(lambda out: loss_fn(out, targets))
-        with torch.no_grad():
-            probe = out_fn({name: p for name, p in active})
-            if not isinstance(probe, Tensor):
-                raise TypeError(f"model(inputs) must return a tensor, got {type(probe).__name__}")
-            check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
-        m = probe.numel()
+    _check_chunk_size(chunk_size)
+    with _ggn_problem(model, loss_fn, inputs, targets) as problem:
+        if not problem.active:
+            raise ValueError("model has no parameter that requires grad: nothing to differentiate")
+        n, m = problem.n, problem.m
+        like = problem.active[0]
         itemsize = like.element_size()
         needed = (n * n + 2 * m * n + min(m, n) ** 2) * itemsize
         free = available_memory(like.device)
@@ -140,11 +327,13 @@ def gauss_newton_matrix_approximation(
                 f"the dense GGN of n={n} parameters (M={m} outputs) needs about {needed:,} bytes "
                 f"({n}x{n} matrix plus the Jacobian), above the bound max_bytes={limit:,} "
                 f"(free memory on {like.device}: "
-                f"{'unknown' if free is None else f'{free:,} bytes'}); use GGN-vector products "
-                "or a diagonal instead, or pass a larger max_bytes"
+                f"{'unknown' if free is None else f'{free:,} bytes'}); use "
+                "gauss_newton_matrix_approximation for the diagonal, GGN-vector products "
+                "(gauss_newton_product), or pass a larger max_bytes"
             )
 
-        point = {name: (p if create_graph else p.detach()) for name, p in active}
+        names, out_fn, loss_of_out = problem.names, problem.out_fn, problem.loss_of_out
+        point = problem.point(create_graph)
         # Jacobian and loss Hessian by vmapped vjp / jvp / hvp over identity bases
         # (torch.func.jacrev/jacfwd/hessian fill their bases in place, which the
         # state preservation would undo under a create_graph result).
@@ -159,7 +348,7 @@ def gauss_newton_matrix_approximation(
                 HJ = H @ J
             else:
                 eye = torch.eye(n, dtype=out.dtype, device=out.device)
-                tangents = dict(zip(names, tree_unravel(eye, [p for _, p in active]), strict=True))
+                tangents = dict(zip(names, tree_unravel(eye, problem.active), strict=True))
                 J = vmap(lambda t: jvp(out_fn, (point,), (t,))[1].reshape(m), randomness="same")(
                     tangents
                 ).T  # (M, n)
