@@ -152,25 +152,126 @@ def test_model_untouched_when_loss_raises():
     assert_untouched(model, snap)
 
 
-def test_create_random_direction_is_filter_normalised():
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 4))
-    g = torch.Generator().manual_seed(0)
-    d = create_random_direction(model, generator=g)
+def direction_models():
+    """Linear, convolution, batch norm (1-D scale and shift) and a frozen tensor, float64."""
+    return st.tuples(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 3)).map(
+        lambda t: _direction_model(*t)
+    )
+
+
+def _direction_model(seed: int, channels: int, hidden: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(2, channels, 3),
+        nn.BatchNorm2d(channels),
+        nn.Flatten(),
+        nn.Linear(4 * channels, hidden),
+    ).to(DT)
+    model[1].bias.requires_grad_(False)
+    return model, seed
+
+
+@settings(max_examples=15, deadline=None)
+@given(direction_models())
+def test_create_random_direction_default_has_unit_norm_per_tensor(case):
+    """0.0.1's direction: a Gaussian scaled to unit Frobenius norm, every tensor (biases too)."""
+    model, seed = case
+    before = [p.detach().clone() for p in model.parameters()]
+    d = create_random_direction(model, generator=torch.Generator().manual_seed(seed))
+    assert len(d) == len(before)
+    for p, di in zip(model.parameters(), d, strict=True):
+        assert di.shape == p.shape and di.dtype == p.dtype and not di.requires_grad
+        torch.testing.assert_close(di.norm(), torch.tensor(1.0, dtype=DT), rtol=1e-14, atol=0)
+    # a Gaussian direction: the normalised draw of the same generator
+    g = torch.Generator().manual_seed(seed)
+    for p, di in zip(model.parameters(), d, strict=True):
+        raw = torch.randn(p.shape, generator=g, dtype=DT)
+        torch.testing.assert_close(di, raw / raw.norm(), rtol=1e-14, atol=1e-15)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b) and p.grad is None
+    ignored = create_random_direction(model, generator=torch.Generator(), ignore_1d=True)
+    for p, di in zip(model.parameters(), ignored, strict=True):
+        if p.dim() < 2:
+            assert torch.equal(di, torch.zeros_like(p))
+        else:
+            torch.testing.assert_close(di.norm(), torch.tensor(1.0, dtype=DT))
+
+
+@settings(max_examples=15, deadline=None)
+@given(direction_models())
+def test_create_random_direction_filter_normalised(case):
+    """Li et al. 2018: each filter of d has the norm of the parameter's filter; 1-D ignored."""
+    model, seed = case
+    g = torch.Generator().manual_seed(seed)
+    d = create_random_direction(model, normalization="filter", generator=g)
     for p, di in zip(model.parameters(), d, strict=True):
         assert di.shape == p.shape
         if p.dim() < 2:
             assert torch.equal(di, torch.zeros_like(p))
         else:
             torch.testing.assert_close(
-                di.reshape(p.shape[0], -1).norm(dim=1), p.reshape(p.shape[0], -1).norm(dim=1)
+                di.reshape(p.shape[0], -1).norm(dim=1),
+                p.detach().reshape(p.shape[0], -1).norm(dim=1),
+                rtol=1e-13,
+                atol=0,
             )
-    again = create_random_direction(model, generator=torch.Generator().manual_seed(0))
+    # each filter is the same Gaussian draw, rescaled
+    g = torch.Generator().manual_seed(seed)
+    for p, di in zip(
+        [p for p in model.parameters() if p.dim() >= 2], [x for x in d if x.dim() >= 2]
+    ):
+        raw = torch.randn(p.shape, generator=g, dtype=DT).reshape(p.shape[0], -1)
+        rows = p.detach().reshape(p.shape[0], -1)
+        expected = raw * (rows.norm(dim=1, keepdim=True) / raw.norm(dim=1, keepdim=True))
+        torch.testing.assert_close(di.reshape(rows.shape), expected, rtol=1e-13, atol=1e-15)
+    again = create_random_direction(
+        model, normalization="filter", generator=torch.Generator().manual_seed(seed)
+    )
     assert all(torch.equal(a, b) for a, b in zip(d, again, strict=True))
-    full = create_random_direction(model, generator=g, ignore_1d=False)
+    full = create_random_direction(model, normalization="filter", generator=g, ignore_1d=False)
     for p, di in zip(model.parameters(), full, strict=True):
         if p.dim() < 2:
             torch.testing.assert_close(di.norm(), p.detach().norm())
     assert not any(di.requires_grad for di in full)
+
+
+def test_create_random_direction_zero_filter_and_global_rng():
+    model = nn.Linear(3, 2).to(DT)
+    with torch.no_grad():
+        model.weight[0].zero_()
+    d = create_random_direction(model, normalization="filter")
+    assert torch.equal(d[0][0], torch.zeros(3, dtype=DT))
+    torch.testing.assert_close(d[0][1].norm(), model.weight[1].detach().norm())
+    torch.manual_seed(3)
+    first = create_random_direction(model)
+    torch.manual_seed(3)
+    assert all(torch.equal(a, b) for a, b in zip(first, create_random_direction(model)))
+
+
+def test_create_random_direction_bad_input():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="normalization must be one of 'unit', 'filter', got 'l2'"):
+        create_random_direction(model, normalization="l2")
+    with pytest.raises(TypeError, match="normalization must be a str"):
+        create_random_direction(model, normalization=1)
+    with pytest.raises(TypeError, match="ignore_1d must be a bool or None, got int"):
+        create_random_direction(model, ignore_1d=1)
+
+
+def test_surface_along_filter_normalised_directions_matches_oracle():
+    model, x, y, _ = problem(7)
+    g = torch.Generator().manual_seed(1)
+    d1 = create_random_direction(model, normalization="filter", generator=g)
+    d2 = create_random_direction(model, normalization="filter", generator=g)
+    loss_fn = nn.MSELoss()
+    alphas, betas, losses = compute_loss_surface_2d(model, loss_fn, x, y, d1, d2, num_points=4)
+    expected = torch.stack(
+        [
+            torch.stack([oracle(model, loss_fn, x, y, (a, b), [d1, d2]) for b in betas])
+            for a in alphas
+        ]
+    )
+    torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_input():

@@ -13,9 +13,10 @@ normalises with the batch statistics (its running statistics are not updated)
 and dropout uses one mask for every grid point; in eval mode neither applies.
 Buffers, ``.grad``, ``requires_grad`` and the global RNG are as before.
 
-:func:`create_random_direction` draws a filter-normalised Gaussian direction
+:func:`create_random_direction` draws a Gaussian direction of unit norm per
+tensor (0.0.1's default) or, with ``normalization="filter"``, filter-normalised
 (Li, Xu, Taylor, Studer, Goldstein, "Visualizing the Loss Landscape of Neural
-Nets", NeurIPS 2018).
+Nets", NeurIPS 2018), the usual choice for plots comparable across networks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from torch_secorder.core._inputs import as_vector_list, check_loss, check_module, check_positive_int
+from torch_secorder.core._inputs import (
+    as_vector_list,
+    check_chunk_size,
+    check_loss,
+    check_module,
+    check_positive_int,
+)
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.linalg.trace import chunk_ranges
 
@@ -71,10 +78,7 @@ def _loss_grid(
         as_vector_list(d, params, name=f"direction{k + 1}" if len(directions) > 1 else "direction")
         for k, d in enumerate(directions)
     ]
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     like = params[0]
     coeffs = coeffs_of(like.dtype, like.device)
@@ -161,6 +165,7 @@ def compute_loss_surface_1d(
         >>> compute_loss_surface_1d(model, torch.nn.MSELoss(), x, y, d, (-1.0, 1.0), 3)
         (tensor([-1.,  0.,  1.]), tensor([0., 1., 4.]))
     """
+    check_chunk_size(chunk_size)
     low, high = _check_range(alpha_range, "alpha_range")
     num_points = check_positive_int(num_points, "num_points")
 
@@ -220,6 +225,7 @@ def compute_loss_surface_2d(
                 [1., 0., 1.],
                 [2., 1., 2.]])
     """
+    check_chunk_size(chunk_size)
     a_low, a_high = _check_range(alpha_range, "alpha_range")
     b_low, b_high = _check_range(beta_range, "beta_range")
     num_points = check_positive_int(num_points, "num_points")
@@ -238,57 +244,94 @@ def compute_loss_surface_2d(
     return alphas, betas, losses.reshape(num_points, num_points)
 
 
+#: Accepted values of ``normalization`` in :func:`create_random_direction`.
+NORMALIZATIONS = ("unit", "filter")
+
+
 def create_random_direction(
     model: nn.Module,
     *,
+    normalization: str = "unit",
     generator: torch.Generator | None = None,
-    ignore_1d: bool = True,
+    ignore_1d: bool | None = None,
 ) -> list[Tensor]:
-    r"""A filter-normalised random direction (Li et al., 2018).
+    r"""A random Gaussian direction in parameter space, normalised per tensor or per filter.
 
-    For each parameter with two or more dimensions, a Gaussian direction
-    :math:`d` is drawn and every filter (slice along the first dimension: an
-    output unit of a linear layer, an output channel of a convolution) is
-    rescaled to the norm of the same filter of the parameter,
-    :math:`d_f \leftarrow d_f \, \|\theta_f\| / \|d_f\|`.  One-dimensional
+    ``normalization="unit"`` (the default, 0.0.1's direction): for each
+    parameter a Gaussian :math:`d` is drawn and scaled to unit Frobenius norm,
+    :math:`d \leftarrow d / \|d\|`.
+
+    ``normalization="filter"``: filter normalisation (Li, Xu, Taylor, Studer,
+    Goldstein, "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018).
+    For each parameter with two or more dimensions every filter of :math:`d`
+    (slice along the first dimension: an output unit of a linear layer, an
+    output channel of a convolution) is rescaled to the norm of the same filter
+    of the parameter, :math:`d_f \leftarrow d_f \, \|\theta_f\| / \|d_f\|`, so
+    that the surface does not depend on the weights' scale.  One-dimensional
     parameters (biases, normalisation scales and shifts) get a zero direction,
     as in Li et al.'s ``ignore='biasbn'`` setting; with ``ignore_1d=False`` the
     whole vector is treated as one filter instead.
 
     Args:
         model: The network.
+        normalization: ``"unit"`` (unit norm per tensor) or ``"filter"``
+            (filter-normalised, Li et al.).
         generator: Source of the random numbers (default: the global RNG).
-        ignore_1d: Zero direction for parameters with fewer than two dimensions.
+        ignore_1d: Zero direction for parameters with fewer than two dimensions;
+            default ``True`` with ``"filter"``, ``False`` with ``"unit"``.
 
     Returns:
-        One tensor per parameter of ``model.parameters()``, shaped like it.
+        One tensor per parameter of ``model.parameters()``, shaped like it (a
+        parameter without entries gets an empty tensor; an all-zero filter gets
+        a zero direction).
 
-    Differences from 0.0.1: 0.0.1 scaled each parameter's direction to unit
-    norm, which is not filter normalisation (the surface then depends on the
-    weights' scale).
+    Differences from 0.0.1: the default is 0.0.1's unit norm per tensor; filter
+    normalisation, which 0.0.1's documentation named but did not compute, is
+    ``normalization="filter"``.  (0.1.0 development versions made filter
+    normalisation the default.)
 
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(3, 2)
-        >>> d = create_random_direction(model, generator=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> [round(d.norm().item(), 6) for d in create_random_direction(model, generator=g)]
+        [1.0, 1.0]
+        >>> d = create_random_direction(model, normalization="filter", generator=g)
         >>> torch.allclose(d[0].norm(dim=1), model.weight.norm(dim=1)), d[1].abs().sum().item()
         (True, 0.0)
     """
     check_module(model)
+    if not isinstance(normalization, str):
+        raise TypeError(
+            f"normalization must be a str ({' or '.join(map(repr, NORMALIZATIONS))}), "
+            f"got {type(normalization).__name__}"
+        )
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization must be one of {', '.join(map(repr, NORMALIZATIONS))}, "
+            f"got {normalization!r}"
+        )
+    if ignore_1d is None:
+        ignore_1d = normalization == "filter"
     if not isinstance(ignore_1d, bool):
-        raise TypeError(f"ignore_1d must be a bool, got {type(ignore_1d).__name__}")
+        raise TypeError(f"ignore_1d must be a bool or None, got {type(ignore_1d).__name__}")
     direction = []
     with torch.no_grad():
         for p in model.parameters():
-            if ignore_1d and p.dim() < 2:
+            if (ignore_1d and p.dim() < 2) or p.numel() == 0:
                 direction.append(torch.zeros_like(p))
                 continue
             gen_device = generator.device if generator is not None else p.device
             d = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=gen_device)
             d = d.to(p.device)
-            rows = p.reshape(p.shape[0], -1) if p.dim() >= 2 else p.reshape(1, -1)
-            d_rows = d.reshape(rows.shape)
+            if normalization == "unit":
+                rows, d_rows = p.reshape(1, -1), d.reshape(1, -1)
+                target = torch.ones(1, 1, dtype=p.dtype, device=p.device)
+            else:
+                rows = p.reshape(p.shape[0], -1) if p.dim() >= 2 else p.reshape(1, -1)
+                d_rows = d.reshape(rows.shape)
+                target = rows.norm(dim=1, keepdim=True)
             d_norm = d_rows.norm(dim=1, keepdim=True)
-            scale = torch.where(d_norm > 0, rows.norm(dim=1, keepdim=True) / d_norm, 0.0)
+            scale = torch.where(d_norm > 0, target / d_norm, 0.0)
             direction.append((d_rows * scale).reshape(p.shape))
     return direction
