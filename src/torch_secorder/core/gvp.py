@@ -34,6 +34,7 @@ from torch.func import functional_call
 
 from torch_secorder.core._inputs import as_vector_list, check_module
 from torch_secorder.core._problem import LossProblem, closure_problem
+from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
 
 __all__ = [
@@ -101,6 +102,9 @@ def model_output_problem(
     ) as problem:
         active_names = [names[i] for i in problem.active]
 
+        # Every torch.func route (jvp, vjp, vmap, jacrev, the GGN's products) runs the
+        # model under the operator fixes and the math attention kernel.
+        @differentiable
         def pure(values: tuple[Tensor, ...]) -> Tensor:
             problem.rewind()
             out = functional_call(model, dict(zip(active_names, values, strict=True)), args)
@@ -267,7 +271,7 @@ def _jacfwd(problem: LossProblem, chunk_size: int | None) -> tuple[Tensor, ...]:
     flat = columns.reshape(n, -1).T  # (output numel, n)
     pieces = torch.split(flat, [p.numel() for p in primals], dim=1)
     return tuple(
-        piece.reshape(*out_shape, *p.shape) for piece, p in zip(pieces, primals, strict=True)
+        piece.reshape((*out_shape, *p.shape)) for piece, p in zip(pieces, primals, strict=True)
     )
 
 

@@ -339,7 +339,10 @@ def problem_ggn_product(
         return [torch.zeros_like(p) for p in problem.params]
     create_graph = problem.create_graph
     tangents = tuple(v[i] if create_graph else v[i].detach() for i in problem.active)
-    out, jv = torch.func.jvp(problem.pure, (problem.primals,), (tangents,))
+    # The model's forward-mode and reverse passes both run under the operator fixes
+    # and the math attention kernel (the fused kernels have no forward-mode AD).
+    pure = differentiable(problem.pure)
+    out, jv = torch.func.jvp(pure, (problem.primals,), (tangents,))
 
     @differentiable
     def loss_of_output(o: Tensor) -> Tensor:
@@ -347,7 +350,7 @@ def problem_ggn_product(
 
     check_loss(loss_of_output(out.detach()), "loss_fn(model(x), y)")
     _, h_jv = torch.func.jvp(torch.func.grad(loss_of_output), (out,), (jv,))
-    _, vjp_fn = torch.func.vjp(problem.pure, problem.primals)
+    _, vjp_fn = torch.func.vjp(pure, problem.primals)
     (product,) = vjp_fn(h_jv)
     if not create_graph:
         product = tuple(p.detach() for p in product)

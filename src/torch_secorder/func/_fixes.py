@@ -1,4 +1,4 @@
-"""Work-arounds for torch operators whose higher-order derivatives fail.
+r"""Work-arounds for torch operators whose higher-order derivatives fail.
 
 :class:`DifferentiableOpsMode` is a :class:`~torch.overrides.TorchFunctionMode`
 that reroutes such calls to equal compositions of operators that work under
@@ -23,6 +23,23 @@ forward-over-reverse AD and double backward:
   statistics are used without updating running statistics (an in-place update of
   a captured buffer is an error inside ``torch.func`` transforms anyway).
 
+* ``torch._weight_norm`` (``torch.nn.utils.parametrizations.weight_norm`` and
+  the older ``torch.nn.utils.weight_norm``): its fused kernel
+  ``_weight_norm_interface`` has no forward-mode AD and a wrong double backward
+  in torch 2.13 (an HVP 15% off); computed as :math:`g\,v/\|v\|` with the norm
+  over every dimension but ``dim`` (all of them for ``dim=-1``) from ``sqrt``,
+  ``sum`` and arithmetic.
+
+* Losses without forward-mode AD of their backward (``F.huber_loss``,
+  ``F.soft_margin_loss``) or without any double backward (``F.multi_margin_loss``,
+  ``F.multilabel_margin_loss``), and ``F.binary_cross_entropy``, whose double
+  backward adds ``1e-12`` to a denominator (second derivatives up to
+  :math:`10^{-8}` relative off, and 50% for confident predictions): each
+  computed elementwise from its definition (every reduction, ``weight``,
+  ``delta``, ``p``, ``margin``; the forward values are torch's, including the
+  clamp of the logarithms at -100 of the binary cross-entropy).  The other
+  losses of ``torch.nn.functional`` have exact derivatives of every order.
+
 * ``F.dropout`` in training mode: the native kernel draws its mask in the
   input's memory order, so a transposed input (``nn.TransformerEncoderLayer``'s
   attention output) gets a different mask under ``vmap``, whose batched tensors
@@ -36,11 +53,14 @@ forward-over-reverse AD and double backward:
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import _reduction
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
@@ -135,6 +155,137 @@ def _instance_norm(
     return _channel_affine(out, weight, bias)
 
 
+def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    # torch.norm_except_dim: dim == -1 is the norm of the whole tensor, any other
+    # (wrapped) dim keeps that dimension.
+    if dim == -1:
+        norm = (v * v).sum().sqrt()
+    else:
+        keep = dim % v.dim()
+        others = tuple(d for d in range(v.dim()) if d != keep)
+        # (An empty tuple of dims would make ``sum`` reduce every dimension.)
+        norm = ((v * v).sum(others, keepdim=True) if others else v * v).sqrt()
+    return v * (g / norm)
+
+
+# ------------------------------------------------------------------------- losses
+
+
+def _reduction_of(reduction: str, size_average=None, reduce=None) -> str:
+    if size_average is not None or reduce is not None:
+        return _reduction.legacy_get_string(size_average, reduce)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss
+
+
+def _is_plain(t: Tensor) -> bool:
+    """A tensor outside any torch.func transform (its values can be inspected)."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
+    reduction = _reduction_of(reduction)
+    if target.size() != input.size():
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}). This will likely lead to incorrect results due to "
+            "broadcasting. Please ensure they have the same size.",
+            stacklevel=3,
+        )
+    if not delta > 0:
+        raise RuntimeError("huber_loss does not support non-positive values for delta.")
+    if weight is not None and weight.size() != input.size():
+        raise ValueError("Weights and input must have the same size.")
+    diff = input - target
+    size = diff.abs()
+    loss = torch.where(size < delta, 0.5 * diff * diff, delta * (size - 0.5 * delta))
+    return _reduce(loss if weight is None else loss * weight, reduction)
+
+
+def _soft_margin_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    reduction = _reduction_of(reduction, size_average, reduce)
+    return _reduce(torch.log1p(torch.exp(-input * target)), reduction)
+
+
+def _binary_cross_entropy(
+    input, target, weight=None, size_average=None, reduce=None, reduction="mean"
+):
+    reduction = _reduction_of(reduction, size_average, reduce)
+    if target.size() != input.size():
+        raise ValueError(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}) is deprecated. Please ensure they have the same size."
+        )
+    if _is_plain(input) and bool(((input < 0) | (input > 1)).any()):
+        raise RuntimeError("all elements of input should be between 0 and 1")
+    log_p = torch.log(input).clamp(min=-100)
+    log_q = torch.log1p(-input).clamp(min=-100)
+    loss = -(target * log_p + (1 - target) * log_q)
+    return _reduce(loss if weight is None else loss * weight, reduction)
+
+
+def _as_rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(N, C)`` scores and their targets from the 0-, 1- or 2-dim forms."""
+    if input.dim() == 2:
+        return input, target
+    return input.reshape(1, -1), target.reshape(1, *target.shape[-1:] if target.dim() else (1,))
+
+
+def _unrows(loss: Tensor, input: Tensor, reduction: str) -> Tensor:
+    if reduction == "none" and input.dim() < 2:
+        loss = loss.reshape(())
+    return _reduce(loss, reduction)
+
+
+def _multi_margin_loss(
+    input,
+    target,
+    p=1,
+    margin=1.0,
+    weight=None,
+    size_average=None,
+    reduce=None,
+    reduction="mean",
+):
+    reduction = _reduction_of(reduction, size_average, reduce)
+    if p not in (1, 2):
+        raise ValueError("only p == 1 and p == 2 supported")
+    if weight is not None and weight.dim() != 1:
+        raise ValueError("weight must be one-dimensional")
+    x, y = _as_rows(input, target)
+    y = y.reshape(-1)
+    classes = x.shape[1]
+    # relu, not clamp: its derivative at 0 is 0, as in torch's backward (z > 0).
+    z = torch.relu(margin - x.gather(1, y.unsqueeze(1)) + x)
+    if p == 2:
+        z = z * z
+    if weight is not None:
+        z = z * weight[y].unsqueeze(1)
+    others = torch.arange(classes, device=y.device) != y.unsqueeze(1)
+    return _unrows((z * others).sum(1) / classes, input, reduction)
+
+
+def _multilabel_margin_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    reduction = _reduction_of(reduction, size_average, reduce)
+    x, y = _as_rows(input, target)
+    classes = x.shape[1]
+    # The targets of a row are its entries before the first -1 (repeats count twice).
+    listed = (y >= 0).long().cumprod(1).bool()
+    hits = (y.unsqueeze(2) == torch.arange(classes, device=y.device)) & listed.unsqueeze(2)
+    count = hits.sum(1).to(x.dtype)  # (N, C): how often class c is listed
+    is_target = count > 0
+    pair = torch.relu(1 - x.unsqueeze(2) + x.unsqueeze(1))  # [n, j, k] = max(0, 1 - x_j + x_k)
+    mask = count.unsqueeze(2) * (~is_target).unsqueeze(1).to(x.dtype)
+    return _unrows((pair * mask).sum((1, 2)) / classes, input, reduction)
+
+
 def _dropout(input, p=0.5, training=True, inplace=False):
     if not training or p == 0.0:
         return input
@@ -156,6 +307,12 @@ _REROUTES = {
     F.layer_norm: _layer_norm,
     F.batch_norm: _batch_norm,
     F.instance_norm: _instance_norm,
+    torch._weight_norm: _weight_norm,
+    F.huber_loss: _huber_loss,
+    F.soft_margin_loss: _soft_margin_loss,
+    F.binary_cross_entropy: _binary_cross_entropy,
+    F.multi_margin_loss: _multi_margin_loss,
+    F.multilabel_margin_loss: _multilabel_margin_loss,
 }
 
 

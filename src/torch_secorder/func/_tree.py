@@ -76,7 +76,7 @@ def tree_unravel(flat: Tensor, like: PyTree) -> PyTree:
     leaves, spec = optree.tree_flatten(like, none_is_leaf=False, namespace="torch_secorder")
     lead = flat.shape[:-1]
     pieces = torch.split(flat, [leaf.numel() for leaf in leaves], dim=-1)
-    shaped = [piece.reshape(*lead, *leaf.shape) for piece, leaf in zip(pieces, leaves)]
+    shaped = [piece.reshape((*lead, *leaf.shape)) for piece, leaf in zip(pieces, leaves)]
     return optree.tree_unflatten(spec, shaped)
 
 
