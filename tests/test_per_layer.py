@@ -164,6 +164,30 @@ def test_curvature_stats():
     assert stats["c"]["sum"] == pytest.approx(float(d.float().double().sum()), abs=1e-12)
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("types", [nn.Conv2d, [nn.Conv2d], (nn.Conv1d, nn.Embedding)])
+def test_no_selected_layer_gives_empty_dict(types, create_graph):
+    """0.0.1: ``layer_types=[nn.Conv2d]`` on a model without convolutions returns ``{}``."""
+    model = make_mlp([2, 3, 2], "tanh", seed=0)
+    x = torch.randn(3, 2, dtype=DTYPE)
+    y = torch.randn(3, 2, dtype=DTYPE)
+    before = [(p.detach().clone(), p.requires_grad) for p in model.parameters()]
+    calls = []
+
+    def loss_fn(o, t):
+        calls.append(1)
+        return F.mse_loss(o, t)
+
+    for fn in (per_layer_hessian_diagonal, per_layer_fisher_diagonal):
+        with pytest.warns(UserWarning, match="selects no module with parameters.*returning"):
+            got = fn(model, loss_fn, x, y, layer_types=types, create_graph=create_graph)
+        assert got == {}
+    assert calls == []  # nothing computed
+    assert get_layer_curvature_stats({}) == {}
+    for p, (b, flag) in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b) and p.requires_grad == flag and p.grad is None
+
+
 def test_bad_input():
     model = make_mlp([2, 2], "tanh", seed=0)
     x = torch.randn(3, 2, dtype=DTYPE)
@@ -172,8 +196,10 @@ def test_bad_input():
         per_layer_hessian_diagonal(lambda t: t, F.mse_loss, x, y)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         per_layer_fisher_diagonal(None, F.mse_loss, x, y)
-    with pytest.raises(ValueError, match="selects no module with parameters"):
-        per_layer_hessian_diagonal(model, F.mse_loss, x, y, layer_types=nn.Conv2d)
+    with pytest.raises(TypeError, match="loss_fn must be callable, got str"):
+        per_layer_hessian_diagonal(model, "mse", x, y, layer_types=nn.Conv2d)
+    with pytest.raises(TypeError, match="loss_fn must be callable, got NoneType"):
+        per_layer_fisher_diagonal(model, None, x, y)
     with pytest.raises(TypeError, match="module_type must be a type"):
         per_layer_fisher_diagonal(model, F.mse_loss, x, y, layer_types=["Linear"])
     with pytest.raises(ValueError, match="same batch size"):

@@ -16,6 +16,7 @@ all layers come out of one computation over the selected parameters:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -46,7 +47,8 @@ def select_layers(
 
     ``layer_types=None``: every module that owns parameters directly, with those
     parameters; otherwise every module of the given type(s), with all its
-    parameters (children included, as in 0.0.1).
+    parameters (children included, as in 0.0.1).  No such module: ``{}`` with a
+    warning (0.0.1 returned ``{}``), so that the callers return ``{}``.
     """
     check_module(model)
     if layer_types is None:
@@ -57,11 +59,17 @@ def select_layers(
         layers = get_params_by_module_type(model, layer_types)
     layers = {name: params for name, params in layers.items() if params}
     if not layers:
-        raise ValueError(
+        warnings.warn(
             f"layer_types={layer_types!r} selects no module with parameters in "
-            f"{type(model).__name__}"
+            f"{type(model).__name__}: returning {{}}",
+            stacklevel=3,
         )
     return layers
+
+
+def _check_loss_fn(loss_fn: Any) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
 
 
 @contextlib.contextmanager
@@ -124,7 +132,9 @@ def per_layer_hessian_diagonal(
 
     Returns:
         ``{module name: 1-D tensor}``, the layer's parameters' diagonals
-        flattened and concatenated in ``module.parameters()`` order.
+        flattened and concatenated in ``module.parameters()`` order; ``{}``
+        (with a warning, nothing computed) when ``layer_types`` selects no
+        module with parameters, as in 0.0.1.
 
     Example:
         >>> import torch
@@ -135,7 +145,11 @@ def per_layer_hessian_diagonal(
         >>> per_layer_hessian_diagonal(model, torch.nn.functional.mse_loss, x, y)
         {'0': tensor([2., 8.])}
     """
+    check_module(model)
+    _check_loss_fn(loss_fn)
     layers = select_layers(model, layer_types)
+    if not layers:
+        return {}
     selected = [p for params in layers.values() for p in params]
     with _differentiating_only(model, selected):
         diag = model_hessian_diagonal(model, loss_fn, inputs, targets, create_graph=create_graph)
@@ -244,7 +258,9 @@ def per_layer_fisher_diagonal(
         create_graph: Make the result differentiable.
 
     Returns:
-        ``{module name: 1-D tensor}`` in ``module.parameters()`` order.
+        ``{module name: 1-D tensor}`` in ``module.parameters()`` order; ``{}``
+        (with a warning, nothing computed) when ``layer_types`` selects no
+        module with parameters, as in 0.0.1.
 
     Example:
         >>> import torch
@@ -255,7 +271,11 @@ def per_layer_fisher_diagonal(
         >>> per_layer_fisher_diagonal(model, torch.nn.functional.mse_loss, x, y)
         {'0': tensor([34.])}
     """
+    check_module(model)
+    _check_loss_fn(loss_fn)
     layers = select_layers(model, layer_types)
+    if not layers:
+        return {}
     selected = [p for params in layers.values() for p in params]
     with _differentiating_only(model, selected):
         if create_graph:
