@@ -6,13 +6,15 @@
   :mod:`torch_secorder.analysis`: the documented API of torch-secorder 0.0.1,
   rebuilt on the engine.
 
-Every public name of the three API subpackages is also exported here.
+Every public name of the three API subpackages is also exported here, with the
+exception classes of :mod:`torch_secorder.errors`.
 """
 
 from torch_secorder import analysis, approximations, core, func, linalg
 from torch_secorder.analysis import *  # noqa: F401,F403
 from torch_secorder.approximations import *  # noqa: F401,F403
 from torch_secorder.core import *  # noqa: F401,F403
+from torch_secorder.errors import ShapeError, StrictError
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,8 @@ __all__ = [
     "core",
     "approximations",
     "analysis",
+    "ShapeError",
+    "StrictError",
     *core.__all__,
     *approximations.__all__,
     *analysis.__all__,

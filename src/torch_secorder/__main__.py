@@ -2,7 +2,10 @@
 
 On a small tanh network and synthetic data (no download) it prints the exact
 Hessian trace, Hutchinson's estimate with its standard error, a summary of the
-exact diagonal per parameter, and how long each took.  ``--help`` lists options.
+exact diagonal per parameter, and how long each took: the time of a warm call
+(each computation runs once before it is timed) and, in brackets, that of the
+first call (which includes one-time costs: lazy initialisation, allocations).
+``--help`` lists options.
 """
 
 from __future__ import annotations
@@ -57,17 +60,49 @@ def _transformer(generator: torch.Generator, dtype: torch.dtype):
 MODELS: dict[str, Callable] = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer}
 
 
-def _timed(fn: Callable):
+def _timed(fn: Callable) -> tuple[object, float, float]:
+    """``(result, warm seconds, first-call seconds)``: ``fn`` runs twice, the second is timed."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
     start = time.perf_counter()
     result = fn()
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, first
+
+
+def _seconds(warm: float, first: float) -> str:
+    return f"({warm:.3f} s warm; first call {first:.3f} s)"
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a bad value is an argparse error, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**63), got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**63), got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_secorder", description=__doc__)
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
-    parser.add_argument("--samples", type=int, default=100, help="Hutchinson probes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--samples", type=_positive_int, default=100, help="Hutchinson probes (an int >= 1)"
+    )
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (an int >= 0)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -84,12 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads"
     )
 
-    exact, t_exact = _timed(
+    exact, t_exact, first_exact = _timed(
         lambda: model_hessian_trace(model, loss_fn, inputs, targets, progress=progress)
     )
-    print(f"exact trace:       {exact.item(): .10g}   ({t_exact:.3f} s)")
+    print(f"exact trace:       {exact.item(): .10g}   {_seconds(t_exact, first_exact)}")
 
-    est, t_est = _timed(
+    est, t_est, first_est = _timed(
         lambda: model_hessian_trace_estimate(
             model,
             loss_fn,
@@ -100,16 +135,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=progress,
         )
     )
-    z = (est.estimate - exact) / est.std_error
+    if args.samples > 1:
+        z = ((est.estimate - exact) / est.std_error).item()
+        error_bar = f"+- {est.std_error.item():.3g} (1 s.e.; off by {z:+.2f} s.e.)"
+    else:
+        error_bar = "(one probe: no error bar)"
     print(
-        f"Hutchinson ({args.samples} probes): {est.estimate.item(): .6g} +- "
-        f"{est.std_error.item():.3g} (1 s.e.; off by {z.item():+.2f} s.e.)   ({t_est:.3f} s)"
+        f"Hutchinson ({args.samples} probes): {est.estimate.item(): .6g} {error_bar}   "
+        f"{_seconds(t_est, first_est)}"
     )
 
-    diag, t_diag = _timed(
+    diag, t_diag, first_diag = _timed(
         lambda: model_hessian_diagonal(model, loss_fn, inputs, targets, progress=progress)
     )
-    print(f"exact diagonal:    ({t_diag:.3f} s)")
+    print(f"exact diagonal:    {_seconds(t_diag, first_diag)}")
     print(f"  {'parameter':<28}{'shape':<16}{'sum':>13}{'mean':>13}{'min':>13}{'max':>13}")
     for (name, p), d in zip(model.named_parameters(), diag):
         print(

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from torch_secorder.core._inputs import check_module, check_num_samples
+from torch_secorder.core._inputs import check_generator, check_module, check_num_samples
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.linalg.trace import chunk_ranges
@@ -215,6 +215,7 @@ def predictive_sq_sum(
     """Diagonal of the type-2 Fisher (``reduction``-scaled), one tensor per parameter."""
     kind = loss_kind(loss_type)
     _check_outputs(model, outputs, targets, kind)
+    check_generator(generator, outputs.device)
     if num_samples is not None:
         check_num_samples(num_samples)
     if reduction not in ("mean", "sum"):

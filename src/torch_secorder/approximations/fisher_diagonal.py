@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.approximations._fisher import empirical_sq_sum, predictive_sq_sum
+from torch_secorder.core._inputs import check_chunk_size, check_count
 
 __all__ = ["empirical_fisher_diagonal", "generalized_fisher_diagonal"]
 
@@ -88,6 +89,7 @@ def empirical_fisher_diagonal(
         >>> empirical_fisher_diagonal(model, torch.nn.MSELoss(), x, y)
         [tensor([[10.]])]
     """
+    check_chunk_size(chunk_size)
     sums, n = empirical_sq_sum(model, loss_fn, inputs, targets, chunk_size)
     return [s / n for s in sums]
 
@@ -150,6 +152,8 @@ def generalized_fisher_diagonal(
         >>> [tuple(d.shape) for d in diag]
         [(3, 2), (3,)]
     """
+    check_count(num_samples, "num_samples", allow_none=True)
+    check_chunk_size(chunk_size)
     return predictive_sq_sum(
         model,
         outputs,

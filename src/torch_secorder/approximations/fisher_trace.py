@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.approximations._fisher import empirical_sq_sum, predictive_sq_sum
-from torch_secorder.core._inputs import check_num_samples
+from torch_secorder.core._inputs import check_chunk_size, check_num_samples
 
 __all__ = ["empirical_fisher_trace", "generalized_fisher_trace"]
 
@@ -62,6 +62,7 @@ def empirical_fisher_trace(
         >>> empirical_fisher_trace(model, torch.nn.MSELoss(), x, y)
         tensor(10.)
     """
+    check_chunk_size(chunk_size)
     check_num_samples(num_samples)
     sums, n = empirical_sq_sum(model, loss_fn, inputs, targets, chunk_size)
     return sum(s.sum() for s in sums) / n  # type: ignore[return-value]
@@ -117,6 +118,7 @@ def generalized_fisher_trace(
         >>> round(float(tr), 4)
         12.0
     """
+    check_chunk_size(chunk_size)
     check_num_samples(num_samples)
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be a bool, got {type(exact).__name__}")

@@ -1,21 +1,37 @@
 """Checks of user input, each failing with a message that names the argument,
-what was expected and what came."""
+what was expected and what came.
+
+``TypeError`` for a wrong type, ``ValueError`` for a wrong value (a shape that
+does not fit: :class:`~torch_secorder.errors.ShapeError`, also a
+``RuntimeError``).  The count checks live on the ground floor
+(:mod:`torch_secorder._checks`, shared with the engine) and are re-exported here.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
+from torch_secorder._checks import check_chunk_size, check_count, check_generator
+from torch_secorder.errors import ShapeError
+
 __all__ = [
     "as_param_list",
+    "check_chunk_size",
+    "check_count",
+    "check_generator",
     "check_loss",
     "check_module",
     "check_num_samples",
     "check_positive_int",
     "as_vector_list",
+    "warn_zero_result",
 ]
 
 
@@ -52,7 +68,7 @@ def check_loss(loss: Any, name: str = "func") -> Tensor:
     if not isinstance(loss, Tensor):
         raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
-        raise ValueError(
+        raise ShapeError(
             f"{name} must return a scalar tensor (one element), got shape {tuple(loss.shape)}"
         )
     value = float(loss.detach())
@@ -62,19 +78,17 @@ def check_loss(loss: Any, name: str = "func") -> Tensor:
 
 
 def check_num_samples(num_samples: Any, name: str = "num_samples") -> int:
-    """A positive integer number of probes."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-        raise TypeError(f"{name} must be an int, got {type(num_samples).__name__}")
-    if num_samples < 1:
-        raise ValueError(f"{name} must be >= 1, got {num_samples}")
-    return num_samples
+    """A positive integer number of probes (``TypeError``/``ValueError``)."""
+    return check_count(num_samples, name)
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    """A positive integer count (iterations, vectors, grid points)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    """A positive integer count (iterations, vectors, grid points).
+
+    ``TypeError`` for a float, a bool or anything not an int; ``ValueError``
+    for an int below 1.
+    """
+    return check_count(value, name)
 
 
 def check_module(model: Any, name: str = "model") -> nn.Module:
@@ -93,7 +107,7 @@ def as_vector_list(v: Any, params: Sequence[Tensor], name: str = "v") -> list[Te
     else:
         raise TypeError(f"{name} must be a tensor or a list of tensors, got {type(v).__name__}")
     if len(v) != len(params):
-        raise ValueError(
+        raise ShapeError(
             f"{name} must have one tensor per parameter: expected {len(params)}, got {len(v)}"
         )
     out = []
@@ -101,9 +115,32 @@ def as_vector_list(v: Any, params: Sequence[Tensor], name: str = "v") -> list[Te
         if not isinstance(vi, Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(vi).__name__}")
         if vi.shape != p.shape:
-            raise ValueError(
+            raise ShapeError(
                 f"{name}[{i}] has shape {tuple(vi.shape)}, expected the shape of "
                 f"params[{i}], {tuple(p.shape)}"
             )
         out.append(vi.to(dtype=p.dtype, device=p.device))
     return out
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` of the first frame outside this package (and ``contextlib``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (
+        frame.f_globals.get("__name__", "").startswith("torch_secorder")
+        or frame.f_code.co_filename == contextlib.__file__
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_zero_result(reason: str) -> None:
+    """Warn that the result is all zeros because ``reason`` (a ``UserWarning``).
+
+    The warning points at the user's line that called into the package.
+    """
+    warnings.warn(
+        f"{reason}: every derivative with respect to them is zero, and zeros are returned",
+        UserWarning,
+        stacklevel=_caller_stacklevel(),
+    )

@@ -19,8 +19,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from torch_secorder.core._inputs import as_param_list, check_loss, check_module
+from torch_secorder.core._batch_checks import check_batch_device, inputs_fit, loss_of_output
+from torch_secorder.core._inputs import (
+    as_param_list,
+    check_loss,
+    check_module,
+    warn_zero_result,
+)
 from torch_secorder.core._purity import SubstitutionMode, preserved_state
+from torch_secorder.errors import StrictError
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
 from torch_secorder.func.hvp import default_chunk_size
@@ -223,9 +230,10 @@ def _active_indices(params: list[Tensor], strict: bool) -> list[int]:
         if p.requires_grad:
             active.append(i)
         elif strict:
-            raise ValueError(
-                f"params[{i}] does not require grad (strict=True): call "
-                f"requires_grad_() on it or pass strict=False to get zeros for it"
+            raise StrictError(
+                f"params[{i}] does not require grad (strict=True). One of the differentiated "
+                f"Tensors does not require grad: call requires_grad_() on params[{i}] or pass "
+                f"strict=False to get zeros for it"
             )
     return active
 
@@ -238,13 +246,32 @@ def _check_used(problem: LossProblem, strict: bool) -> None:
         if loss is None or not loss.requires_grad:
             loss = problem.loss_closure()
         tensors = [problem.params[i] for i in problem.active]
-        grads = torch.autograd.grad(loss, tensors, allow_unused=True, retain_graph=True)
+        grads = (
+            torch.autograd.grad(loss, tensors, allow_unused=True, retain_graph=True)
+            if loss.requires_grad
+            else [None] * len(tensors)
+        )
     for i, g in zip(problem.active, grads):
         if g is None:
-            raise ValueError(
+            raise StrictError(
                 f"params[{i}] is not used by func (strict=True): its gradient is undefined; "
                 f"pass strict=False to get zeros for it"
             )
+
+
+def _zero_reason(
+    active: list[int], loss: Tensor | None, model: nn.Module | None, name: str
+) -> str | None:
+    """Why the result is all zeros (nothing differentiated, a constant loss), or ``None``."""
+    where = "model.parameters()" if model is not None else "params"
+    if not active:
+        return f"no tensor of {where} requires grad"
+    if loss is not None and not loss.requires_grad:
+        return (
+            f"{name} does not depend on {where} (the loss does not require grad: "
+            f"computed under torch.no_grad() or detached?)"
+        )
+    return None
 
 
 @contextlib.contextmanager
@@ -292,6 +319,9 @@ def closure_problem(
         problem = LossProblem(params, active, pure, primals, create_graph, loss_closure, rewind)
         problem._checked_loss = checked_loss
         _check_used(problem, strict)
+        if (zero := _zero_reason(active, checked_loss, model, name)) is not None:
+            warn_zero_result(zero)
+            active = problem.active = []
         if not active:
             problem.primals = ()
         yield problem
@@ -320,14 +350,19 @@ def module_problem(
     if not named:
         raise ValueError("model has no parameters: nothing to differentiate")
     names = [n for n, _ in named]
+    params = [p for _, p in named]
+    check_batch_device(params, inputs=inputs, targets=targets)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
+    loss_of = loss_of_output(loss_fn, targets)  # checks the target's shape once
 
     def func() -> Tensor:
-        return loss_fn(model(*args), targets)
+        with inputs_fit(params, inputs):
+            out = model(*args)
+        return loss_of(out)
 
     with closure_problem(
         func,
-        [p for _, p in named],
+        params,
         strict=strict,
         create_graph=create_graph,
         model=model,
@@ -337,8 +372,9 @@ def module_problem(
 
         def pure(values: tuple[Tensor, ...]) -> Tensor:
             problem.rewind()
-            out = functional_call(model, dict(zip(active_names, values)), args)
-            return loss_fn(out, targets)
+            with inputs_fit(params, inputs):
+                out = functional_call(model, dict(zip(active_names, values)), args)
+            return loss_of(out)
 
         problem.pure = pure
         problem.names = names

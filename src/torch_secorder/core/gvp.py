@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from torch_secorder.core._inputs import as_vector_list, check_module
+from torch_secorder.core._batch_checks import check_batch_device, inputs_fit
+from torch_secorder.core._inputs import as_vector_list, check_chunk_size, check_module
 from torch_secorder.core._problem import LossProblem, closure_problem
+from torch_secorder.errors import ShapeError
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
 
@@ -91,10 +93,17 @@ def model_output_problem(
     if not named:
         raise ValueError("model has no parameters: nothing to differentiate")
     names = [n for n, _ in named]
+    params = [p for _, p in named]
+    check_batch_device(params, inputs=inputs)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def forward() -> Tensor:
+        with inputs_fit(params, inputs):
+            return model(*args)
+
     with closure_problem(
-        lambda: model(*args),
-        [p for _, p in named],
+        forward,
+        params,
         create_graph=create_graph,
         model=model,
         name="model(x)",
@@ -107,7 +116,8 @@ def model_output_problem(
         @differentiable
         def pure(values: tuple[Tensor, ...]) -> Tensor:
             problem.rewind()
-            out = functional_call(model, dict(zip(active_names, values, strict=True)), args)
+            with inputs_fit(params, inputs):
+                out = functional_call(model, dict(zip(active_names, values, strict=True)), args)
             return _check_output(out, "model(x)")
 
         problem.pure = pure
@@ -140,16 +150,16 @@ def _as_cotangent(u: Any, out: Tensor, name: str, batched: bool = False) -> Tens
         raise TypeError(f"{name} must be a torch.Tensor, got {type(u).__name__}")
     if batched:
         if u.dim() < 1:
-            raise ValueError(f"{name} must have a leading batch dimension, got a 0-dim tensor")
+            raise ShapeError(f"{name} must have a leading batch dimension, got a 0-dim tensor")
         if u[0].numel() != out.numel():
-            raise ValueError(
+            raise ShapeError(
                 f"{name} must have shape (batch, *output shape) = (batch, "
                 f"{', '.join(map(str, out.shape))}) or (batch, {out.numel()}); "
                 f"got {tuple(u.shape)}"
             )
         return u.reshape(u.shape[0], *out.shape).to(dtype=out.dtype, device=out.device)
     if u.numel() != out.numel():
-        raise ValueError(
+        raise ShapeError(
             f"{name} must have the output's shape {tuple(out.shape)} "
             f"({out.numel()} entries), got shape {tuple(u.shape)}"
         )
@@ -165,7 +175,7 @@ def _as_batched_vectors(vs: Any, params: Sequence[Tensor], name: str = "vs") -> 
     else:
         raise TypeError(f"{name} must be a tensor or a list of tensors, got {type(vs).__name__}")
     if len(vs) != len(params):
-        raise ValueError(
+        raise ShapeError(
             f"{name} must have one tensor per parameter: expected {len(params)}, got {len(vs)}"
         )
     out = []
@@ -174,14 +184,14 @@ def _as_batched_vectors(vs: Any, params: Sequence[Tensor], name: str = "vs") -> 
         if not isinstance(v, Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(v).__name__}")
         if v.dim() != p.dim() + 1 or v.shape[1:] != p.shape:
-            raise ValueError(
+            raise ShapeError(
                 f"{name}[{i}] must have shape (batch, *params[{i}].shape) = "
                 f"(batch, {', '.join(map(str, p.shape))}), got {tuple(v.shape)}"
             )
         if batch is None:
             batch = v.shape[0]
         elif v.shape[0] != batch:
-            raise ValueError(f"{name}[{i}] has batch size {v.shape[0]}, but {name}[0] has {batch}")
+            raise ShapeError(f"{name}[{i}] has batch size {v.shape[0]}, but {name}[0] has {batch}")
         out.append(v.to(dtype=p.dtype, device=p.device))
     return out
 
@@ -466,6 +476,7 @@ def batch_jvp(
         tensor([[2., 0.],
                 [0., 4.]])
     """
+    check_chunk_size(chunk_size)
     with output_problem(func, params, create_graph) as problem:
         vectors = _as_batched_vectors(vs, problem.params)
         return problem_batch_jvp(problem, vectors, chunk_size)
@@ -501,6 +512,7 @@ def batch_vjp(
         [tensor([[2., 0.],
                 [0., 4.]])]
     """
+    check_chunk_size(chunk_size)
     with output_problem(func, params, create_graph) as problem:
         return problem_batch_vjp(problem, vs, chunk_size)
 
@@ -542,5 +554,6 @@ def full_jacobian(
         [tensor([[2., 0.],
                 [0., 4.]])]
     """
+    check_chunk_size(chunk_size)
     with output_problem(func, params, create_graph) as problem:
         return problem_jacobian(problem, chunk_size, mode)

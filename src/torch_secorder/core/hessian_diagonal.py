@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import as_vector_list
+from torch_secorder.core._inputs import as_vector_list, check_chunk_size
 from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
 from torch_secorder.func import diagonal as _engine
 from torch_secorder.func import fast_diagonal as _fast
@@ -108,6 +108,7 @@ def hessian_diagonal(
         >>> hessian_diagonal(lambda: (x ** 3).sum(), [x])
         [tensor([ 6., 12.])]
     """
+    check_chunk_size(chunk_size)
     with closure_problem(func, params, strict=strict, create_graph=create_graph) as problem:
         vectors = as_vector_list(v, problem.params) if v is not None else None
         diag = problem.expand(active_hessian_diagonal(problem, chunk_size, progress))
@@ -156,6 +157,7 @@ def model_hessian_diagonal(
         >>> model_hessian_diagonal(model, torch.nn.functional.mse_loss, x, y)
         [tensor([[2., 8.]])]
     """
+    check_chunk_size(chunk_size)
     with module_problem(
         model, loss_fn, inputs, targets, strict=strict, create_graph=create_graph
     ) as problem:

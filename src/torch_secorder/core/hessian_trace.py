@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import check_num_samples
+from torch_secorder.core._inputs import (
+    check_chunk_size,
+    check_count,
+    check_generator,
+    check_num_samples,
+)
 from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
 from torch_secorder.core.hessian_diagonal import active_hessian_diagonal
 from torch_secorder.linalg.trace import TraceEstimate
@@ -42,6 +47,7 @@ def problem_trace(
     distribution: str = "rademacher",
 ) -> TraceEstimate:
     """Exact trace (``std_error`` 0) or Hutchinson estimate of a problem's Hessian."""
+    check_generator(generator, problem.params[0].device)
     if num_samples is not None:
         check_num_samples(num_samples)
     if not problem.active:
@@ -110,6 +116,8 @@ def hessian_trace(
         ...               generator=torch.Generator().manual_seed(0))
         tensor(4.)
     """
+    check_count(num_samples, "num_samples", allow_none=True)
+    check_chunk_size(chunk_size)
     return hessian_trace_estimate(
         func,
         params,
@@ -148,6 +156,8 @@ def hessian_trace_estimate(
         >>> float(est.estimate), float(est.std_error)
         (18.0, 0.0)
     """
+    check_count(num_samples, "num_samples", allow_none=True)
+    check_chunk_size(chunk_size)
     with closure_problem(func, params, strict=strict, create_graph=create_graph) as problem:
         return problem_trace(
             problem,
@@ -191,6 +201,8 @@ def model_hessian_trace(
         >>> bool(torch.isclose(exact, 2 * (x.pow(2).sum() / 5 + 1)))
         True
     """
+    check_count(num_samples, "num_samples", allow_none=True)
+    check_chunk_size(chunk_size)
     return model_hessian_trace_estimate(
         model,
         loss_fn,
@@ -234,6 +246,8 @@ def model_hessian_trace_estimate(
         >>> est.samples.shape, bool(est.std_error > 0)
         (torch.Size([10]), True)
     """
+    check_count(num_samples, "num_samples", allow_none=True)
+    check_chunk_size(chunk_size)
     with module_problem(
         model, loss_fn, inputs, targets, strict=strict, create_graph=create_graph
     ) as problem:

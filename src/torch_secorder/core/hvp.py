@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import as_vector_list, check_loss, check_num_samples
+from torch_secorder.core._batch_checks import check_batch_device, targets_fit
+from torch_secorder.core._inputs import (
+    as_vector_list,
+    check_chunk_size,
+    check_generator,
+    check_loss,
+    check_num_samples,
+)
 from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
 from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.func._fixes import differentiable
@@ -147,8 +154,10 @@ def hessian_trace(
         >>> hessian_trace(lambda: x.pow(2).sum(), [x], num_samples=5)
         4.0
     """
+    check_chunk_size(chunk_size)
     check_num_samples(num_samples)
     with closure_problem(func, params, create_graph=create_graph) as problem:
+        check_generator(generator, problem.params[0].device)
         if not problem.active:
             return 0.0
         estimate = problem.hutchinson(
@@ -348,7 +357,8 @@ def problem_ggn_product(
     def loss_of_output(o: Tensor) -> Tensor:
         return loss_fn(o, y)
 
-    check_loss(loss_of_output(out.detach()), "loss_fn(model(x), y)")
+    with targets_fit(loss_fn, out, y):  # a target unlike the output: ShapeError, both shapes
+        check_loss(loss_of_output(out.detach()), "loss_fn(model(x), y)")
     _, h_jv = torch.func.jvp(torch.func.grad(loss_of_output), (out,), (jv,))
     _, vjp_fn = torch.func.vjp(pure, problem.primals)
     (product,) = vjp_fn(h_jv)
@@ -402,5 +412,6 @@ def gauss_newton_product(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     with model_output_problem(model, x, create_graph) as problem:
+        check_batch_device(problem.params, targets=y)
         vectors = as_vector_list(v, problem.params)
         return _single_or_list(problem_ggn_product(problem, loss_fn, y, vectors))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from torch_secorder._checks import check_chunk_size
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import PyTree, tree_leaves
 from torch_secorder.func.hvp import default_chunk_size
@@ -83,6 +84,7 @@ def leaf_hessian_diagonal(
     Returns:
         A tensor shaped like that leaf.
     """
+    check_chunk_size(chunk_size)
     leaf = tree_leaves(params)[index]
     numel = leaf.numel()
     if chunk_size is None:
@@ -122,6 +124,7 @@ def hessian_diagonal(
         >>> hessian_diagonal(f, {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])})
         {'w': tensor([6., 6.]), 'b': tensor([18.])}
     """
+    check_chunk_size(chunk_size)
     leaves, spec = optree.tree_flatten(params, none_is_leaf=False, namespace="torch_secorder")
     diag = [
         leaf_hessian_diagonal(f, params, i, chunk_size=chunk_size, progress=progress)
@@ -145,4 +148,5 @@ def hessian_trace(
         >>> hessian_trace(lambda p: (p["x"] ** 2).sum(), {"x": torch.ones(3)})
         tensor(6.)
     """
+    check_chunk_size(chunk_size)
     return sum(d.sum() for d in tree_leaves(hessian_diagonal(f, params, chunk_size, progress)))

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
+from torch_secorder._checks import check_chunk_size
 from torch_secorder.func._chain import chain_diagonal
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._sites import SITE_FUNCS, Site, make_site
@@ -484,6 +485,7 @@ def fast_hessian_diagonal(
         >>> all(torch.allclose(fast[k], slow[k], atol=1e-12) for k in params)
         True
     """
+    check_chunk_size(chunk_size)
     problem = _Problem(f, params, "hessian")
     diag, _ = _run(problem, chunk_size, progress)
     return _unflatten(params, diag)
@@ -525,6 +527,7 @@ def ggn_diagonal(
         >>> ggn_diagonal(model_fn, loss_fn, params)
         {'w': tensor([[18.,  2.]])}
     """
+    check_chunk_size(chunk_size)
 
     def f(p: PyTree) -> Tensor:
         return loss_fn(model_fn(p))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from torch_secorder._checks import check_chunk_size
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import PyTree, tree_numel, tree_ravel, tree_unravel
 
@@ -84,6 +85,7 @@ def hvp_batched(
         tensor([[2., 0.],
                 [0., 2.]])
     """
+    check_chunk_size(chunk_size)
     return vmap(lambda v: hvp(f, params, v), chunk_size=chunk_size, randomness="same")(V)
 
 
@@ -103,6 +105,7 @@ def hessian_matmat(
         tensor([[2., 2.],
                 [2., 0.]])
     """
+    check_chunk_size(chunk_size)
 
     def matmat(flat: Tensor) -> Tensor:
         V = tree_unravel(flat, params)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from torch_secorder._checks import check_chunk_size, check_count, check_generator
 from torch_secorder.func._tree import PyTree, tree_leaves, tree_numel
 from torch_secorder.func.hvp import default_chunk_size, hessian_matmat
 from torch_secorder.linalg.trace import TraceEstimate, hutchinson
@@ -52,7 +53,10 @@ def hutchinson_trace_estimate(
         >>> float(est.estimate), float(est.std_error)
         (6.0, 0.0)
     """
+    check_count(num_samples, "num_samples")
+    check_chunk_size(chunk_size)
     first = tree_leaves(params)[0]
+    check_generator(generator, first.device)
     dim = tree_numel(params)
     if chunk_size is None and isinstance(num_samples, int):
         chunk_size = default_chunk_size(num_samples, dim)
@@ -90,6 +94,7 @@ def hutchinson_trace(
         >>> hutchinson_trace(f, {"x": torch.ones(3)}, 4, generator=g)
         tensor(6.)
     """
+    check_chunk_size(chunk_size)
     return hutchinson_trace_estimate(
         f, params, num_samples, generator, chunk_size, distribution, progress=False
     ).estimate

@@ -34,6 +34,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from torch_secorder._checks import check_count, check_generator
+from torch_secorder.errors import ShapeError
+
 __all__ = ["EigenResult", "WHICH", "lanczos_eigsh", "ritz_pairs", "subspace_iteration"]
 
 Matmat = Callable[[Tensor], Tensor]
@@ -67,9 +70,9 @@ def _check_which(which: str) -> str:
 
 
 def _check_common(dim: int, k: int, tol: float) -> None:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dim:
+    check_count(dim, "dim")
+    check_count(k, "k (the number of eigenpairs)")
+    if k > dim:
         raise ValueError(f"the number of eigenpairs must be an int in [1, dim={dim}], got {k!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
@@ -149,6 +152,7 @@ def ritz_pairs(
         >>> theta
         tensor([3., 1.], dtype=torch.float64)
     """
+    check_count(k, "k")
     m = alphas.shape[0]
     T = torch.diag(alphas)
     if m > 1:
@@ -219,18 +223,18 @@ def lanczos_eigsh(
         >>> round(float(res.eigenvalues[0]), 10)
         3.0
     """
+    check_generator(generator, device)
     _check_common(dim, k, tol)
     _check_which(which)
     if max_iter is None:
         max_iter = max(2 * k + 20, 100)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    check_count(max_iter, "max_iter")
     m_max = min(max_iter, dim)
     if m_max < k:
         raise ValueError(f"max_iter must be >= the number of eigenpairs k={k}, got {max_iter}")
     if v0 is not None:
         if v0.shape != (dim,):
-            raise ValueError(f"v0 must have shape ({dim},), got {tuple(v0.shape)}")
+            raise ShapeError(f"v0 must have shape ({dim},), got {tuple(v0.shape)}")
         dtype = dtype or v0.dtype
         device = device if device is not None else v0.device
     dtype = dtype or torch.get_default_dtype()
@@ -375,13 +379,13 @@ def subspace_iteration(
         >>> [round(float(x), 8) for x in res.eigenvalues]
         [-5.0, 3.0]
     """
+    check_generator(generator, device)
     _check_common(dim, k, tol)
     _check_which(which)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    check_count(max_iter, "max_iter")
     if X0 is not None:
         if X0.shape != (k, dim):
-            raise ValueError(f"X0 must have shape ({k}, {dim}), got {tuple(X0.shape)}")
+            raise ShapeError(f"X0 must have shape ({k}, {dim}), got {tuple(X0.shape)}")
         dtype = dtype or X0.dtype
         device = device if device is not None else X0.device
     dtype = dtype or torch.get_default_dtype()

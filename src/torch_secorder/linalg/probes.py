@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torch_secorder._checks import check_count, check_generator
+
 __all__ = ["DISTRIBUTIONS", "draw_probes"]
 
 DISTRIBUTIONS = ("rademacher", "gaussian", "sparse_rademacher")
@@ -48,6 +50,9 @@ def draw_probes(
         >>> bool((v.abs() == 1).all())
         True
     """
+    check_count(num, "num", 0)
+    check_count(dim, "dim", 0)
+    check_generator(generator, device)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if generator is not None and device is None:

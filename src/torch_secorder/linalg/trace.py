@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from torch_secorder._checks import check_chunk_size, check_count, check_generator
 from torch_secorder.linalg.probes import draw_probes
 from torch_secorder.linalg.progress import progress_bar
 
@@ -52,7 +53,8 @@ class TraceEstimate(NamedTuple):
 
 def chunk_ranges(total: int, chunk_size: int | None) -> list[tuple[int, int]]:
     """Split ``range(total)`` into consecutive ``(start, stop)`` pieces of ``chunk_size``."""
-    step = total if chunk_size is None else max(1, int(chunk_size))
+    check_chunk_size(chunk_size)
+    step = total if chunk_size is None else chunk_size
     return [(start, min(start + step, total)) for start in range(0, total, step)]
 
 
@@ -101,8 +103,10 @@ def hutchinson(
         >>> float(est.estimate), float(est.std_error)
         (6.0, 0.0)
     """
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    check_count(dim, "dim")
+    check_count(num_samples, "num_samples")
+    check_chunk_size(chunk_size)
+    check_generator(generator, device)
     values = []
     for start, stop in progress_bar(
         chunk_ranges(num_samples, chunk_size), enabled=progress, desc="Hutchinson probes"
