@@ -1,0 +1,239 @@
+r"""Stochastic estimators of the diagonal of a matrix known only through products.
+
+* :func:`hutchinson_diagonal` (Bekas, Kokiopoulou, Saad 2007): with probes
+  :math:`v_j`, :math:`E[v v^\top] = I`,
+
+  .. math::
+      \widehat{d} = \frac{1}{m}\sum_{j=1}^m v_j \odot A v_j ,
+      \qquad E[\widehat{d}] = \operatorname{diag}(A).
+
+  With Rademacher probes (:math:`v_j \odot v_j = 1`) this is exactly the
+  estimator of Bekas et al.; entry :math:`\ell` of one term has variance
+  :math:`\sum_{p \ne \ell} A_{\ell p}^2`, so a diagonal :math:`A` is recovered
+  exactly from one probe.  The per-entry standard error is the sample standard
+  deviation of the :math:`m` terms over :math:`\sqrt{m}`.
+
+* :func:`xdiag` (Epperly, Tropp, Webber 2024): the exchangeable version of
+  Diag++.  With :math:`k = \lfloor m/2 \rfloor` Rademacher test vectors
+  :math:`\Omega`, :math:`Y = A\Omega` and :math:`Q_{(i)}` an orthonormal basis of
+  the range of :math:`Y` without its i-th column,
+
+  .. math::
+      \widehat{d}_i = \operatorname{diag}(Q_{(i)}Q_{(i)}^\top A)
+          + \omega_i \odot (I - Q_{(i)}Q_{(i)}^\top) A\,\omega_i ,
+      \qquad
+      \widehat{d} = \frac{1}{k}\sum_{i=1}^k \widehat{d}_i ,
+
+  unbiased since :math:`\omega_i` is independent of :math:`Q_{(i)}`, and exact
+  when :math:`\operatorname{rank}(A) < k`.  One QR factorisation :math:`Y = QR`
+  gives every :math:`Q_{(i)}` (:math:`Q_{(i)}Q_{(i)}^\top = QQ^\top - Qs_is_i^\top
+  Q^\top`, :math:`s_i` the normalised i-th column of :math:`R^{-\top}`); the cost
+  is :math:`k` products for :math:`Y` and :math:`k` for :math:`AQ`.  The
+  per-entry error estimate is by default the jackknife over the test vectors
+  (XDiag without each :math:`\omega_j`, computed from the same products;
+  conservative in expectation by the Efron-Stein inequality), or on request the
+  standard deviation of the :math:`k` estimates :math:`\widehat{d}_i` over
+  :math:`\sqrt{k}`, which treats the positively correlated :math:`\widehat{d}_i`
+  as independent and undercovers (84-94% of 95% intervals on test matrices).
+
+Both fall back to the exact diagonal (``dim`` products with unit vectors,
+``std_error`` zero) when the budget is at least ``dim``.
+
+References:
+    C. Bekas, E. Kokiopoulou, Y. Saad, "An estimator for the diagonal of a
+    matrix", Applied Numerical Mathematics 57(11-12), 2007.
+
+    E. N. Epperly, J. A. Tropp, R. J. Webber, "XTrace: Making the Most of Every
+    Sample in Stochastic Trace Estimation", SIAM J. Matrix Anal. Appl. 45(1),
+    2024, arXiv:2301.07825 (Section 4, XDiag).
+
+    B. Efron, C. Stein, "The jackknife estimate of variance", The Annals of
+    Statistics 9(3), 1981.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torch_secorder._checks import check_count
+from torch_secorder.linalg._estimator_tools import (
+    Matmat,
+    RunningMoments,
+    apply_matmat,
+    check_common,
+    check_distribution,
+    check_error_estimate,
+    checked_call,
+    chunks,
+    exact_diagonal,
+    jackknife_std_error,
+    leave_one_out_directions,
+    mean_and_std_error,
+    probe_device,
+)
+from torch_secorder.linalg.estimate import Estimate
+from torch_secorder.linalg.probes import draw_probes
+from torch_secorder.linalg.progress import progress_bar
+
+__all__ = ["hutchinson_diagonal", "xdiag"]
+
+
+def _exact(matmat, dim, dtype, device, chunk_size, progress) -> Estimate:
+    diagonal = exact_diagonal(
+        matmat, dim, dtype=dtype, device=device, chunk_size=chunk_size, progress=progress
+    )
+    return Estimate(diagonal, torch.zeros_like(diagonal), dim)
+
+
+def _xdiag_estimates(Om: Tensor, Y: Tensor, Q: Tensor, R: Tensor, Z: Tensor) -> Tensor:
+    """The ``(k, n)`` estimates :math:`\\widehat{d}_i`.
+
+    From ``Y = A Om`` (rows), ``Y^T = QR`` and ``Z = AQ``.
+    """
+    S = leave_one_out_directions(R)  # columns s_i
+    QS, ZS = Q @ S, Z @ S  # columns Q s_i and A Q s_i
+    QtY = Q.T @ Y.T  # columns Q^T y_i (= R up to rounding)
+    # (I - Q_(i) Q_(i)^T) y_i = (y_i - Q Q^T y_i) + Q s_i (s_i^T Q^T y_i)
+    residual = (Y.T - Q @ QtY) + QS * (S * QtY).sum(0)
+    return (Q * Z).sum(1) - (QS * ZS).T + Om * residual.T
+
+
+def hutchinson_diagonal(
+    matmat: Matmat,
+    dim: int,
+    num_samples: int,
+    *,
+    distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> Estimate:
+    r"""Hutchinson's (Bekas-Kokiopoulou-Saad) estimate of :math:`\operatorname{diag}(A)`.
+
+    Args:
+        matmat: ``V -> V A`` on a ``(k, n)`` batch of row vectors, ``A`` symmetric.
+        dim: ``n``.
+        num_samples: Number of probes :math:`m` (= products); ``>= dim`` gives
+            the exact diagonal from ``dim`` unit vectors.
+        distribution: ``"rademacher"`` or ``"gaussian"`` (both unbiased; Rademacher
+            has the smaller variance).
+        generator: Source of the probes (``None``: the global generator).
+        dtype: Dtype of the probes.
+        device: Device of the probes.
+        chunk_size: Probes per call of ``matmat`` (``None``: all at once); only
+            one chunk of per-probe values is held at a time.
+        progress: Show a progress bar when the run takes more than a few seconds.
+
+    Returns:
+        An :class:`~torch_secorder.linalg.estimate.Estimate` with an ``(n,)``
+        ``estimate`` and per-entry ``std_error`` (``None`` for one probe).
+
+    Raises:
+        TypeError, ValueError: An argument of the wrong type or value (named).
+
+    Example:
+        >>> import torch
+        >>> A = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 4.0]])
+        >>> g = torch.Generator().manual_seed(0)
+        >>> est = hutchinson_diagonal(lambda V: V @ A, 3, 2, generator=g)
+        >>> est.estimate.shape, est.std_error.shape, est.matvecs
+        (torch.Size([3]), torch.Size([3]), 2)
+        >>> float(est.estimate[2]), float(est.std_error[2])  # decoupled entry: exact
+        (4.0, 0.0)
+    """
+    dim = check_common(matmat, dim, dtype, device, generator, chunk_size)
+    num_samples = check_count(num_samples, "num_samples")
+    distribution = check_distribution(distribution, ("rademacher", "gaussian"))
+    device = probe_device(device, generator)
+    if num_samples >= dim:
+        return _exact(matmat, dim, dtype, device, chunk_size, progress)
+    moments = RunningMoments()
+    for start, stop in progress_bar(
+        chunks(num_samples, chunk_size), enabled=progress, desc="Diagonal probes"
+    ):
+        probes = draw_probes(
+            stop - start,
+            dim,
+            distribution=distribution,
+            generator=generator,
+            dtype=dtype,
+            device=device,
+        )
+        moments.update(probes * checked_call(matmat, probes))
+    return Estimate(moments.mean, moments.std_error(), moments.count)
+
+
+def xdiag(
+    matmat: Matmat,
+    dim: int,
+    num_matvecs: int,
+    *,
+    error_estimate: str = "jackknife",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> Estimate:
+    r"""XDiag estimate of :math:`\operatorname{diag}(A)` for a symmetric :math:`A`.
+
+    Args:
+        matmat: ``V -> V A`` on a ``(k, n)`` batch of row vectors, ``A`` symmetric.
+        dim: ``n``.
+        num_matvecs: Budget of products :math:`m` (at least 4); XDiag uses
+            :math:`2\lfloor m/2 \rfloor` of them (Rademacher test vectors).
+            ``>= dim`` gives the exact diagonal from ``dim`` unit vectors.
+        error_estimate: ``"jackknife"`` (default): per entry, the jackknife over
+            the test vectors (XDiag rerun without each, from the same products,
+            :math:`O(nk^3)` arithmetic), conservative by the Efron-Stein
+            inequality.  ``"leave-one-out"``: the standard deviation of the
+            :math:`\widehat{d}_i` over :math:`\sqrt{k}`, cheaper (:math:`O(nk^2)`),
+            which tends to underestimate the error.
+        generator: Source of randomness (``None``: the global generator).
+        dtype: Dtype of the probes.
+        device: Device of the probes.
+        chunk_size: Vectors per call of ``matmat`` (``None``: each block at once).
+        progress: Show a progress bar when the run takes more than a few seconds.
+
+    Returns:
+        An :class:`~torch_secorder.linalg.estimate.Estimate` with an ``(n,)``
+        ``estimate`` and per-entry ``std_error``.
+
+    Raises:
+        TypeError, ValueError: An argument of the wrong type or value (named).
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> B = torch.randn(40, 3, generator=g, dtype=torch.float64)
+        >>> A = B @ B.T  # rank 3 < 5 test vectors: exact
+        >>> est = xdiag(lambda V: V @ A, 40, 10, generator=g, dtype=torch.float64)
+        >>> bool(torch.allclose(est.estimate, A.diagonal())), est.matvecs
+        (True, 10)
+    """
+    dim = check_common(matmat, dim, dtype, device, generator, chunk_size)
+    num_matvecs = check_count(num_matvecs, "num_matvecs", 4)
+    error_estimate = check_error_estimate(error_estimate)
+    device = probe_device(device, generator)
+    if num_matvecs >= dim:
+        return _exact(matmat, dim, dtype, device, chunk_size, progress)
+    k = num_matvecs // 2
+    Om = draw_probes(
+        k, dim, distribution="rademacher", generator=generator, dtype=dtype, device=device
+    )
+    Y = apply_matmat(matmat, Om, chunk_size, progress=progress, desc="XDiag sketch")
+    Q, R = torch.linalg.qr(Y.T)  # Y^T = Q R, Q (n, k)
+    Z = apply_matmat(matmat, Q.T.contiguous(), chunk_size, progress=progress, desc="XDiag basis").T
+    mean, std_error = mean_and_std_error(_xdiag_estimates(Om, Y, Q, R, Z))
+    if error_estimate == "jackknife":
+        replicates = []
+        for j in range(k):
+            keep = [i for i in range(k) if i != j]
+            Q_j, R_j = torch.linalg.qr(Y[keep].T)  # basis of range(Y_{-j}), inside range(Q)
+            Z_j = Z @ (Q.T @ Q_j)  # = A Q_j, no new products
+            replicates.append(_xdiag_estimates(Om[keep], Y[keep], Q_j, R_j, Z_j).mean(0))
+        std_error = jackknife_std_error(torch.stack(replicates))
+    return Estimate(mean, std_error, 2 * k)
