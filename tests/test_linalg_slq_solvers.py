@@ -149,12 +149,12 @@ def test_slq_gauss_quadrature_exact_per_probe():
     for k in range(2 * m):
         exact = n * ((v @ Ak) * v).sum(1)
         torch.testing.assert_close(
-            res.trace_estimate(lambda t, k=k: t**k).samples, exact, rtol=1e-10, atol=1e-10
+            res.trace_samples(lambda t, k=k: t**k), exact, rtol=1e-10, atol=1e-10
         )
         Ak = Ak @ A
     # degree 2m is not exact in general
     exact = n * ((v @ Ak) * v).sum(1)
-    assert float((res.trace_estimate(lambda t: t ** (2 * m)).samples - exact).abs().max()) > 1e-6
+    assert float((res.trace_samples(lambda t: t ** (2 * m)) - exact).abs().max()) > 1e-6
 
 
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
@@ -183,6 +183,13 @@ def test_slq_moments_unbiased(distribution):
         est = res.trace_estimate(lambda t, k=k: t**k)
         z = (float(est.estimate) - float(torch.trace(Ak))) / float(est.std_error)
         assert abs(z) < 4.0, (k, z)
+    est = res.trace_estimate()
+    assert est.matvecs == res.matvecs == 3000 * 2
+    assert float(est.estimate) == pytest.approx(float(res.trace_samples().mean()), rel=1e-14)
+    one = stochastic_lanczos_quadrature(
+        matmat_of(A), n, 2, 1, generator=gen(9), dtype=DT, progress=False
+    )
+    assert one.trace_estimate().std_error is None
     moments = res.moments(3)
     assert float(moments[0]) == pytest.approx(1.0, abs=1e-12)
     assert float(moments[1]) == pytest.approx(float(res.trace_estimate().estimate) / n, rel=1e-12)
@@ -212,7 +219,7 @@ def test_slq_few_distinct_eigenvalues_recovered_exactly():
     assert bool((res.nodes[:, 3:] == res.nodes[:, 2:3]).all())
     # after breakdown the rule is exact for every function
     exact = n * ((v @ torch.linalg.matrix_exp(A)) * v).sum(1)
-    torch.testing.assert_close(res.trace_estimate(torch.exp).samples, exact, rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.trace_samples(torch.exp), exact, rtol=1e-12, atol=0)
 
 
 def test_slq_breakdown_in_part_of_the_batch():
@@ -300,9 +307,7 @@ def test_slq_on_a_model_hessian():
     v = start / start.norm(dim=1, keepdim=True)
     for fn, dense in ((lambda t: t, H), (lambda t: t**2, H @ H)):
         exact = n * ((v @ dense) * v).sum(1)
-        torch.testing.assert_close(
-            res.trace_estimate(fn).samples, exact, rtol=1e-8, atol=1e-10 * scale
-        )
+        torch.testing.assert_close(res.trace_samples(fn), exact, rtol=1e-8, atol=1e-10 * scale)
 
 
 def test_slq_bad_input():
@@ -332,6 +337,8 @@ def test_slq_bad_input():
         stochastic_lanczos_quadrature(mm, 4, 2, 2, start=[[1.0] * 4] * 2)
     with pytest.raises(ValueError, match="matmat must map"):
         stochastic_lanczos_quadrature(lambda V: V[:, :2], 4, dtype=DT, progress=False)
+    with pytest.raises(ValueError, match="nan or inf"):
+        stochastic_lanczos_quadrature(lambda V: V / 0.0, 4, dtype=DT, progress=False)
     res = stochastic_lanczos_quadrature(mm, 4, 2, 2, dtype=DT, progress=False)
     with pytest.raises(TypeError, match="grid"):
         res.density([0.0, 1.0])
@@ -628,6 +635,8 @@ def test_solver_bad_input(solver):
         solver(mm, b, x0=torch.ones(4, dtype=DT))
     with pytest.raises(ValueError, match="matmat must map"):
         solver(lambda V: V.sum(0), b, progress=False)
+    with pytest.raises(ValueError, match="nan or inf"):
+        solver(lambda V: V * float("nan"), b, progress=False)
 
 
 def test_cg_bad_preconditioner():

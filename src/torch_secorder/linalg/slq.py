@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torch_secorder.linalg.estimate import Estimate
 from torch_secorder.linalg.progress import progress_bar
-from torch_secorder.linalg.trace import TraceEstimate
 
 __all__ = ["SpectralDensity", "stochastic_lanczos_quadrature"]
 
@@ -171,27 +171,44 @@ class SpectralDensity:
         weights = self.weights.reshape(-1).to(points.dtype) / self.num_probes
         return (nodes[None, :] <= points[:, None]).to(points.dtype) @ weights
 
-    def trace_estimate(self, f: Callable[[Tensor], Tensor] | None = None) -> TraceEstimate:
+    def trace_samples(self, f: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        r"""Per-probe estimates :math:`n \sum_j \tau_j f(\theta_j)` of :math:`\mathrm{tr} f(A)`.
+
+        For a polynomial ``f`` of degree at most :math:`2m - 1` (any ``f`` for
+        a probe whose recurrence broke down, or when ``m = n``) each value
+        equals :math:`n\, v^\top f(A)\, v` exactly, so its mean over the
+        probes is unbiased.
+
+        Args:
+            f: Elementwise function of a tensor of nodes (default identity).
+
+        Returns:
+            A ``(num_probes,)`` tensor.
+        """
+        values = self.nodes if f is None else f(self.nodes)
+        if not isinstance(values, Tensor) or values.shape != self.nodes.shape:
+            got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ValueError(
+                f"f must map the nodes tensor {tuple(self.nodes.shape)} elementwise to a "
+                f"tensor of the same shape, got {got}"
+            )
+        return self.dim * (self.weights * values).sum(-1)
+
+    def trace_estimate(self, f: Callable[[Tensor], Tensor] | None = None) -> Estimate:
         r"""Estimate of :math:`\operatorname{tr} f(A)` (default :math:`f(t) = t`: the trace).
 
-        Per probe the sample is :math:`n \sum_j \tau_j f(\theta_j)`; the estimate
-        is their mean and ``std_error`` their standard deviation over
-        :math:`\sqrt{N_v}`.  For a polynomial ``f`` of degree at most
-        :math:`2m - 1` each sample equals :math:`n\, v^\top f(A)\, v` exactly, so
-        the estimate is unbiased.
+        The mean of :meth:`trace_samples`, with ``std_error`` their standard
+        deviation over :math:`\sqrt{N_v}` (``None`` for a single probe) and
+        ``matvecs`` the products of the Lanczos runs.
 
         Args:
             f: Elementwise function of a tensor of nodes (default identity).
         """
-        values = self.nodes if f is None else f(self.nodes)
-        if not isinstance(values, Tensor) or values.shape != self.nodes.shape:
-            raise ValueError(
-                f"f must map the nodes tensor {tuple(self.nodes.shape)} elementwise to a "
-                f"tensor of the same shape, got "
-                f"{tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__}"
-            )
-        samples = self.dim * (self.weights * values).sum(-1)
-        return TraceEstimate.from_samples(samples)
+        samples = self.trace_samples(f)
+        std_error = None
+        if self.num_probes > 1:
+            std_error = samples.std(correction=1) / math.sqrt(self.num_probes)
+        return Estimate(samples.mean(), std_error, self.matvecs)
 
     def moments(self, max_degree: int) -> Tensor:
         r"""Estimates of the moments :math:`\frac1n\operatorname{tr}(A^k)`, ``k = 0..max_degree``.
@@ -223,6 +240,8 @@ def _apply(matmat: Matmat, X: Tensor) -> Tensor:
         raise ValueError(
             f"matmat must map a ({X.shape[0]}, {X.shape[1]}) batch to the same shape, got {got}"
         )
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("matmat returned nan or inf: the matrix products are not finite")
     return out.to(X.dtype)
 
 

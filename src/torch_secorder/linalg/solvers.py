@@ -144,6 +144,10 @@ class _System:
             raise ValueError(
                 f"matmat must map a ({V.shape[0]}, {V.shape[1]}) batch to the same shape, got {got}"
             )
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"{self.name}: matmat returned nan or inf: the matrix products are not finite"
+            )
         self.matvecs += V.shape[0]
         out = out.to(V.dtype)
         return out + self.damping * V if self.damping else out
