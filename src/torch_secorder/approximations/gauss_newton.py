@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from torch_secorder._checks import check_chunk_size
 from torch_secorder.core._inputs import check_loss, check_module
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.func._fixes import differentiable
@@ -75,17 +76,6 @@ def available_memory(device: torch.device) -> int | None:
     except (ValueError, OSError, RuntimeError, AttributeError):
         return None
     return None
-
-
-def _check_chunk_size(chunk_size: Any) -> int | None:
-    """``None`` or an int >= 1 (``TypeError`` for another type, ``ValueError`` below 1)."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return chunk_size
 
 
 def _rng_states(device: torch.device) -> list[Tensor]:
@@ -130,11 +120,18 @@ def _ggn_problem(
     active = [(name, p) for name, p in named if p.requires_grad]
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     with preserved_state(params, model) as rewind:
+        # One evaluation of the model: the same buffers and random draws every time.
+        # (An ``evaluation()`` block where preserved_state offers one, so that the
+        # evaluation ends with the call; else a plain rewind at its start.)
+        evaluation = getattr(rewind, "evaluation", None)
 
         @differentiable  # forward-mode through attention needs the math kernel
         def out_fn(values: dict[str, Tensor]) -> Tensor:
-            rewind()  # the same buffers and random stream for every evaluation
-            return functional_call(model, values, args)
+            if evaluation is None:
+                rewind()
+                return functional_call(model, values, args)
+            with evaluation():
+                return functional_call(model, values, args)
 
         loss_of_out = differentiable(lambda out: loss_fn(out, targets))
         like = active[0][1] if active else (params[0] if params else None)
@@ -248,7 +245,7 @@ def gauss_newton_matrix_approximation(
         >>> gauss_newton_matrix_approximation(model, torch.nn.MSELoss(), x, y)
         [tensor([[2., 8.]])]
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     with _ggn_problem(model, loss_fn, inputs, targets) as problem:
         if not problem.active:
             warnings.warn(
@@ -310,7 +307,7 @@ def gauss_newton_matrix(
         tensor([[2., 4.],
                 [4., 8.]])
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     with _ggn_problem(model, loss_fn, inputs, targets) as problem:
         if not problem.active:
             raise ValueError("model has no parameter that requires grad: nothing to differentiate")
