@@ -168,3 +168,16 @@ def test_a_partly_frozen_model_is_not_warned_about():
     active = {"2.weight": model[2].weight.detach(), "2.bias": model[2].bias.detach()}
     H = dense_hessian(lambda p: F.mse_loss(functional_call(model, p, (x,)), y), active)
     assert_close(ravel({"2.weight": diag[2], "2.bias": diag[3]}), H.diagonal())
+
+
+def test_eigenvalues_of_a_loss_that_depends_on_nothing_are_an_error_not_a_warning():
+    model, x, y = mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(ValueError, match="does not depend on the parameters of model"):
+            torch_secorder.model_eigenvalues(
+                model, lambda m, d, t: F.mse_loss(m(d).detach(), t), x, y
+            )
+        model.requires_grad_(False)
+        with pytest.raises(ValueError, match="no parameter of model requires grad"):
+            torch_secorder.model_eigenvalues(model, lambda m, d, t: F.mse_loss(m(d), t), x, y)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import check_module, check_positive_int
+from torch_secorder.core._inputs import check_module, check_positive_int, zero_result_unwarned
 from torch_secorder.core._problem import closure_problem
 from torch_secorder.func._tree import tree_unravel
 from torch_secorder.linalg.eigen import EigenResult, lanczos_eigsh, subspace_iteration
@@ -271,15 +271,23 @@ def model_eigenvalues(
     params = list(model.parameters())
     if not params:
         raise ValueError("model has no parameters: nothing to differentiate")
+    if not any(p.requires_grad for p in params):
+        raise ValueError("no parameter of model requires grad: nothing to differentiate")
 
     def closure() -> Tensor:
         return loss_fn(model, data, target)
 
-    with closure_problem(
-        closure, params, model=model, name="loss_fn(model, data, target)"
-    ) as problem:
-        if not problem.active:
-            raise ValueError("no parameter of model requires grad: nothing to differentiate")
+    with (
+        zero_result_unwarned(),
+        closure_problem(
+            closure, params, model=model, name="loss_fn(model, data, target)"
+        ) as problem,
+    ):
+        if not problem.active:  # the loss depends on none of them: no zeros, an error
+            raise ValueError(
+                "loss_fn(model, data, target) does not depend on the parameters of model "
+                "(it does not require grad): the Hessian is zero, no eigenvalues to compute"
+            )
         solver = lanczos_eigsh if method.lower() == "lanczos" else subspace_iteration
         res: EigenResult = solver(
             problem.matmat(strategy),

@@ -13,7 +13,7 @@ import contextlib
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ __all__ = [
     "check_positive_int",
     "as_vector_list",
     "warn_zero_result",
+    "zero_result_unwarned",
 ]
 
 
@@ -144,3 +145,11 @@ def warn_zero_result(reason: str) -> None:
         UserWarning,
         stacklevel=_caller_stacklevel(),
     )
+
+
+@contextlib.contextmanager
+def zero_result_unwarned() -> Iterator[None]:
+    """Silence :func:`warn_zero_result` inside (callers that raise instead of returning zeros)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*zeros are returned", UserWarning)
+        yield
