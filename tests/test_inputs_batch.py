@@ -294,3 +294,22 @@ def test_gvp_batched_products_check_chunks_and_shapes_together():
     V = torch.randn(4, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
     J = torch.diag(2 * x.detach())
     assert_close(gvp.batch_jvp(lambda: x**2, [x], V, chunk_size=3), V @ J.T)
+
+
+def test_landscapes_and_eigenvalues_name_both_devices():
+    model, x = mlp(2)
+    y = torch.randn(5, 2, dtype=DTYPE)
+    direction = [torch.ones_like(p) for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"inputs is on meta, but the parameters are on cpu"):
+        torch_secorder.compute_loss_surface_1d(model, nn.MSELoss(), x.to("meta"), y, direction)
+    with pytest.raises(ValueError, match=r"target is on meta, but the parameters are on cpu"):
+        torch_secorder.model_eigenvalues(
+            model, lambda m, d, t: F.mse_loss(m(d), t), x, y.to("meta")
+        )
+    # On one device: the landscape is the loss at the shifted parameters.
+    alphas, losses = torch_secorder.compute_loss_surface_1d(
+        model, nn.MSELoss(), x, y, direction, alpha_range=(0.0, 1.0), num_points=2
+    )
+    shifted = {n: p.detach() + 1.0 for n, p in model.named_parameters()}
+    expected = F.mse_loss(functional_call(model, shifted, (x,)), y)
+    assert_close(losses[-1], expected)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_secorder.core._batch_checks import check_batch_device
 from torch_secorder.core._inputs import check_module, check_positive_int, zero_result_unwarned
 from torch_secorder.core._problem import closure_problem
 from torch_secorder.func._tree import tree_unravel
@@ -273,6 +274,7 @@ def model_eigenvalues(
         raise ValueError("model has no parameters: nothing to differentiate")
     if not any(p.requires_grad for p in params):
         raise ValueError("no parameter of model requires grad: nothing to differentiate")
+    check_batch_device(params, data=data, target=target)
 
     def closure() -> Tensor:
         return loss_fn(model, data, target)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from torch_secorder.core._batch_checks import check_batch_device
 from torch_secorder.core._inputs import (
     as_vector_list,
     check_chunk_size,
@@ -73,6 +74,7 @@ def _loss_grid(
     if not named:
         raise ValueError("model has no parameters: there is no parameter space to move in")
     params = [p for _, p in named]
+    check_batch_device(params, inputs=inputs, targets=targets)
     names = [name for name, _ in named]
     dirs = [
         as_vector_list(d, params, name=f"direction{k + 1}" if len(directions) > 1 else "direction")
