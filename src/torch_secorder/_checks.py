@@ -30,8 +30,9 @@ __all__ = ["check_chunk_size", "check_count", "check_generator"]
 
 
 def _is_int(value: Any) -> bool:
-    # bool is an int subclass but never a count; numpy integers are Integral.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    # bool is an int subclass but never a count; numpy integers are Integral; a
+    # SymInt is an int traced by torch.compile with dynamic shapes.
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
 def check_count(value: Any, name: str, minimum: int = 1, *, allow_none: bool = False) -> Any:
@@ -52,7 +53,7 @@ def check_count(value: Any, name: str, minimum: int = 1, *, allow_none: bool = F
         )
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
+    return value if isinstance(value, torch.SymInt) else int(value)
 
 
 def check_chunk_size(chunk_size: Any, name: str = "chunk_size") -> int | None:
