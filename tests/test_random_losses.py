@@ -1,12 +1,15 @@
-"""Losses that draw random numbers (dropout in training mode): every route must
-describe the Hessian of one loss, with one fixed mask.
+"""Losses that draw random numbers (dropout in training mode): from the same point of
+the global random stream, every route must describe the Hessian of one loss, with
+one fixed mask.
 
 ``nn.TransformerEncoderLayer`` applies dropout to the (transposed, non-contiguous)
-attention output: the native kernel draws its mask in memory order, which made the
-vmapped route see another mask than the graph route; and the fast diagonal routes
-evaluate perturbed copies of the network.  Here the dense Hessian is assembled
-column by column from graph-route products (the plain forward pass of the user's
-model), and every other route must agree with it.
+attention output: the native kernel draws its mask in memory order, under ``vmap``
+the batched tensors have another layout; and the fast diagonal routes evaluate
+perturbed copies of the network.  Here the dense Hessian is assembled column by
+column from graph-route products (the plain forward pass of the user's model), and
+every other route, called after the same ``torch.manual_seed``, must agree with it.
+(``tests/test_rng_dropout.py`` checks that this mask is the one a plain forward pass
+draws.)
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from torch import nn
 
 from torch_secorder import model_hessian_diagonal, model_hessian_trace_estimate, model_hvp
 from torch_secorder.core._problem import module_problem
+
+SEED = 11
 
 
 def _encoder(dropout: float, norm_first: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -36,6 +41,7 @@ def _encoder(dropout: float, norm_first: bool) -> tuple[nn.Module, torch.Tensor,
 
 def _dense_hessian_by_graph(model, x, y) -> torch.Tensor:
     """Columns H e_i from one create_graph gradient of the model's own forward pass."""
+    torch.manual_seed(SEED)
     with module_problem(model, nn.functional.mse_loss, x, y) as problem:
         return problem.matmat("graph_batched", 128)(torch.eye(problem.dim, dtype=torch.float64))
 
@@ -52,16 +58,19 @@ def test_dropout_routes_agree_on_one_hessian(norm_first):
     gen = torch.Generator().manual_seed(2)
     v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     flat_v = torch.cat([t.reshape(-1) for t in v])
+    torch.manual_seed(SEED)
     hv = model_hvp(model, nn.functional.mse_loss, x, y, v, strategy="vmap")
     assert torch.allclose(torch.cat([h.reshape(-1) for h in hv]), H @ flat_v, atol=1e-10)
 
     # the exact diagonal (whatever route it takes) is that matrix's diagonal
+    torch.manual_seed(SEED)
     diag = model_hessian_diagonal(model, nn.functional.mse_loss, x, y, progress=False)
     assert torch.allclose(torch.cat([d.reshape(-1) for d in diag]), torch.diagonal(H), atol=1e-10)
 
     # every Hutchinson sample, on every strategy, is v^T H v for that matrix
     for strategy in ("graph", "graph_batched", "vmap"):
         generator = torch.Generator().manual_seed(1)
+        torch.manual_seed(SEED)
         est = model_hessian_trace_estimate(
             model,
             nn.functional.mse_loss,
@@ -86,6 +95,7 @@ def test_dropout_routes_agree_on_one_hessian(norm_first):
 def test_dropout_mask_is_fixed_but_real():
     """With dropout on, the Hessian differs from the one without (a mask is applied)."""
     model, x, y = _encoder(0.3, False)
+    torch.manual_seed(SEED)
     with_dropout = model_hessian_diagonal(model, nn.functional.mse_loss, x, y, progress=False)
     model.eval()
     without = model_hessian_diagonal(model, nn.functional.mse_loss, x, y, progress=False)

@@ -68,7 +68,10 @@ class LossProblem:
         primals: The point: the active tensors, detached unless ``create_graph``.
         create_graph: Whether results must be differentiable.
         loss_closure: Evaluates the loss on the user's own tensors (autograd on).
-        rewind: Resets the global RNG to the state every evaluation starts from.
+        rewind: The call's :class:`~torch_secorder.core._purity.Evaluations`: calling it
+            (or entering its ``evaluation()`` block) starts a fresh evaluation of the
+            loss (the model's buffer objects put back, the random draws of the first
+            evaluation replayed).
         names: Parameter names (module problems only).
         model: The module (module problems only).
     """
@@ -179,18 +182,9 @@ class LossProblem:
             from torch_secorder.func.hvp import hessian_matmat
 
             self.release_checked_loss()
-            engine_matmat = hessian_matmat(self.pure, self.primals, chunk_size=chunk_size)
-            cuda = [self.device] if self.device.type == "cuda" else []
-
-            def vmap_matmat(flat: Tensor) -> Tensor:
-                # Every loss evaluation rewinds the global RNG (one dropout mask for all
-                # products); restore the stream afterwards, else random draws between
-                # calls (Hutchinson probes without a generator) repeat from call to call.
-                with torch.random.fork_rng(devices=cuda):
-                    return engine_matmat(flat)
-
-            vmap_matmat.dim = engine_matmat.dim  # type: ignore[attr-defined]
-            return vmap_matmat
+            # Every evaluation of the loss replays the random draws of the first one (one
+            # dropout mask for all products) and draws nothing from the global RNG.
+            return hessian_matmat(self.pure, self.primals, chunk_size=chunk_size)
         grads = self.graph_grads()
         tensors = [self.params[i] for i in self.active]
         used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -295,28 +289,35 @@ def closure_problem(
     if not callable(func):
         raise TypeError(f"{name} must be callable, got {type(func).__name__}")
     params = as_param_list(params)
-    with preserved_state(params, model) as rewind:
+    with preserved_state(params, model) as evaluations:
         active = _active_indices(params, strict)
         tensors = [params[i] for i in active]
 
         @differentiable
         def loss_closure() -> Tensor:
-            rewind()
-            return func()
+            with evaluations.evaluation():
+                return func()
 
+        # The first evaluation is a plain forward pass of the user's code on the global
+        # RNG (the random numbers a plain call draws, recorded for the later ones).
         checked_loss = None
         if scalar:
             # The validating forward pass keeps its graph (when something is
             # differentiated): the graph routes reuse it instead of a second pass.
             with torch.set_grad_enabled(bool(active)):
                 checked_loss = check_loss(loss_closure(), name)
+        else:
+            with torch.no_grad():
+                loss_closure()
 
         def pure(values: tuple[Tensor, ...]) -> Tensor:
             with SubstitutionMode(tensors, values):
                 return loss_closure()
 
         primals = tuple(t if create_graph else t.detach() for t in tensors)
-        problem = LossProblem(params, active, pure, primals, create_graph, loss_closure, rewind)
+        problem = LossProblem(
+            params, active, pure, primals, create_graph, loss_closure, evaluations
+        )
         problem._checked_loss = checked_loss
         _check_used(problem, strict)
         if (zero := _zero_reason(active, checked_loss, model, name)) is not None:
@@ -371,10 +372,9 @@ def module_problem(
         active_names = [names[i] for i in problem.active]
 
         def pure(values: tuple[Tensor, ...]) -> Tensor:
-            problem.rewind()
-            with inputs_fit(params, inputs):
+            with problem.rewind.evaluation(), inputs_fit(params, inputs):
                 out = functional_call(model, dict(zip(active_names, values)), args)
-            return loss_of(out)
+                return loss_of(out)
 
         problem.pure = pure
         problem.names = names

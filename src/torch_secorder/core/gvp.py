@@ -115,10 +115,9 @@ def model_output_problem(
         # model under the operator fixes and the math attention kernel.
         @differentiable
         def pure(values: tuple[Tensor, ...]) -> Tensor:
-            problem.rewind()
-            with inputs_fit(params, inputs):
+            with problem.rewind.evaluation(), inputs_fit(params, inputs):
                 out = functional_call(model, dict(zip(active_names, values, strict=True)), args)
-            return _check_output(out, "model(x)")
+                return _check_output(out, "model(x)")
 
         problem.pure = pure
         problem.names = names

@@ -40,12 +40,11 @@ forward-over-reverse AD and double backward:
   clamp of the logarithms at -100 of the binary cross-entropy).  The other
   losses of ``torch.nn.functional`` have exact derivatives of every order.
 
-* ``F.dropout`` in training mode: the native kernel draws its mask in the
-  input's memory order, so a transposed input (``nn.TransformerEncoderLayer``'s
-  attention output) gets a different mask under ``vmap``, whose batched tensors
-  have another layout; the mask is drawn in the logical order of the shape
-  instead (for a contiguous input, the very mask the native kernel draws), so
-  every route computes the Hessian of the same loss.
+Dropout is not rerouted: torch's own kernels run (``bernoulli_`` in the input's
+memory order on CPU, ``native_dropout`` on CUDA), so the first evaluation of a
+loss draws exactly the mask a plain forward pass draws; the wrappers record
+those draws and replay them in every later evaluation
+(:class:`~torch_secorder.core._purity.RandomDraws`).
 
 :func:`differentiable` wraps a loss so that every call runs under the mode.
 """
@@ -286,23 +285,8 @@ def _multilabel_margin_loss(input, target, size_average=None, reduce=None, reduc
     return _unrows((pair * mask).sum((1, 2)) / classes, input, reduction)
 
 
-def _dropout(input, p=0.5, training=True, inplace=False):
-    if not training or p == 0.0:
-        return input
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if p == 1.0:
-        return input * 0.0
-    # The mask is drawn in the logical (contiguous) order of the input's shape, so
-    # every route (plain forward, vmapped, batched backward) draws the same mask.
-    mask = torch.empty(input.shape, dtype=input.dtype, device=input.device).bernoulli_(1 - p)
-    mask.div_(1 - p)
-    return input * mask
-
-
 _REROUTES = {
     F.mse_loss: _mse_loss,
-    F.dropout: _dropout,
     F.scaled_dot_product_attention: _math_sdpa,
     F.layer_norm: _layer_norm,
     F.batch_norm: _batch_norm,
