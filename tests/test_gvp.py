@@ -167,15 +167,25 @@ def test_dropout_uses_one_mask_for_jvp_and_vjp_and_leaves_state():
         p.grad = torch.full_like(p, 7.0)
     v = random_like(params, 1)
     u = torch.randn(5, 2, dtype=DTYPE)
+    # Each call draws the mask of a plain forward pass at its point of the global
+    # random stream and advances the stream as that forward pass does.
     rng = torch.get_rng_state()
+    with torch.no_grad():
+        model(x)
+    after_forward = torch.get_rng_state()
+    torch.set_rng_state(rng)
     jv = model_jvp(model, x, v)
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    torch.set_rng_state(rng)
     vj = model_vjp(model, x, u)
     # u^T (J v) == (J^T u)^T v only if both saw the same dropout mask.
     assert_close((u * jv).sum(), (flat(vj) * flat(v)).sum())
+    torch.set_rng_state(rng)
     J = torch.cat(full_jacobian(lambda: model(x), params), dim=1)
     assert_close(J @ flat(v), jv.reshape(-1))
+    torch.set_rng_state(rng)
     assert_close(batch_jvp(lambda: model(x), params, [t.unsqueeze(0) for t in v])[0], jv)
-    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(torch.get_rng_state(), after_forward)
     assert model.training
     for p, b in zip(params, before, strict=True):
         assert torch.equal(p, b)

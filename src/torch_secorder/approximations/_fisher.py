@@ -3,7 +3,10 @@ r"""The computations behind the Fisher diagonals and traces.
 * :func:`empirical_sq_sum`: :math:`\sum_i g_i \odot g_i` over per-sample gradients
   :math:`g_i = \nabla_\theta\, \ell(f(x_i;\theta), y_i)`, by
   ``vmap(grad(...))`` over the samples (:func:`torch.func.functional_call`), in
-  chunks of samples.
+  chunks of samples; one backward pass per sample where ``vmap`` cannot run the
+  model (the kernels of ``nn.RNN``/``nn.LSTM``/``nn.GRU``, and code that
+  ``torch.func`` refuses: old-style ``autograd.Function`` s, full backward hooks,
+  saved-tensor hooks).
 * :func:`predictive_sq_sum`: :math:`\sum_r (J^\top u_r) \odot (J^\top u_r)` for a
   set of output-space vectors :math:`u_r` (one sample's row each) chosen so that
   :math:`\sum_r u_r u_r^\top` is the Hessian of the negative log-likelihood with
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from torch_secorder.core._fallback import has_recurrent_module, is_functional_refusal
 from torch_secorder.core._inputs import check_generator, check_module, check_num_samples
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.func._fixes import differentiable
@@ -112,10 +116,38 @@ def empirical_sq_sum(
             return loss_fn(out, y.unsqueeze(0))
 
         per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
+        leaves = {name: t.detach().requires_grad_() for name, t in point.items()}
+
+        def looped(start: int, stop: int) -> dict[str, Tensor]:
+            """The per-sample gradients of samples ``start:stop``, one backward pass each."""
+            rows = []
+            with torch.enable_grad():
+                for i in range(start, stop):
+                    loss = sample_loss(leaves, tuple(a[i] for a in args), targets[i])
+                    rows.append(torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))
+            return {
+                name: torch.stack([torch.zeros_like(t) if r[j] is None else r[j] for r in rows])
+                for j, (name, t) in enumerate(leaves.items())
+            }
+
+        # vmap cannot batch the recurrent kernels (nor run what torch.func refuses).
+        loop = has_recurrent_module(model)
         rewind()
         sums = {name: torch.zeros_like(p) for name, p in point.items()}
         for start, stop in chunk_ranges(n, chunk_size):
-            grads = per_sample(point, tuple(a[start:stop] for a in args), targets[start:stop])
+            grads = None
+            if not loop:
+                try:
+                    grads = per_sample(
+                        point, tuple(a[start:stop] for a in args), targets[start:stop]
+                    )
+                except RuntimeError as exc:
+                    if not is_functional_refusal(exc):
+                        raise
+                    loop = True
+                    rewind()
+            if grads is None:
+                grads = looped(start, stop)
             for name in sums:
                 sums[name] = sums[name] + (grads[name] ** 2).sum(0)
     return [sums[name] if name in sums else torch.zeros_like(p) for name, p in named], n

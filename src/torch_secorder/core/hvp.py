@@ -22,7 +22,12 @@ from torch_secorder.core._inputs import (
     check_loss,
     check_num_samples,
 )
-from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
+from torch_secorder.core._problem import (
+    LossProblem,
+    closure_problem,
+    module_problem,
+    with_graph_fallback,
+)
 from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
@@ -393,6 +398,7 @@ def approximate_hvp(
 # ------------------------------------------------------------------ Gauss-Newton
 
 
+@with_graph_fallback(LossProblem.graph_ggn_product)  # models that torch.func refuses
 def problem_ggn_product(
     problem: LossProblem, loss_fn: Callable[[Tensor, Tensor], Tensor], y: Any, v: list[Tensor]
 ) -> list[Tensor]:
