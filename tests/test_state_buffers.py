@@ -165,7 +165,11 @@ def _calls(oracle):
             lambda m: _flat(gauss_newton_product(m, LOSS, x, y, v)),
             J.T @ ((2.0 / J.shape[0]) * (J @ _flat(v))),  # mean squared error: 2/(N D)
         ),
-        ("fisher", lambda m: _flat(empirical_fisher_diagonal(m, LOSS, x, y)), oracle["fisher"]),
+        (
+            "fisher",
+            lambda m: _flat(empirical_fisher_diagonal(m, LOSS, x, y, chunk_size=2)),
+            oracle["fisher"],
+        ),
         (
             "eigenvalues",
             lambda m: (

@@ -123,7 +123,8 @@ def empirical_sq_sum(
             rows = []
             with torch.enable_grad():
                 for i in range(start, stop):
-                    loss = sample_loss(leaves, tuple(a[i] for a in args), targets[i])
+                    with rewind.evaluation(replay=False):  # fresh dropout per sample
+                        loss = sample_loss(leaves, tuple(a[i] for a in args), targets[i])
                     rows.append(torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))
             return {
                 name: torch.stack([torch.zeros_like(t) if r[j] is None else r[j] for r in rows])
@@ -132,20 +133,19 @@ def empirical_sq_sum(
 
         # vmap cannot batch the recurrent kernels (nor run what torch.func refuses).
         loop = has_recurrent_module(model)
-        rewind()
         sums = {name: torch.zeros_like(p) for name, p in point.items()}
         for start, stop in chunk_ranges(n, chunk_size):
             grads = None
             if not loop:
                 try:
-                    grads = per_sample(
-                        point, tuple(a[start:stop] for a in args), targets[start:stop]
-                    )
+                    with rewind.evaluation(replay=False):  # fresh dropout per sample
+                        grads = per_sample(
+                            point, tuple(a[start:stop] for a in args), targets[start:stop]
+                        )
                 except RuntimeError as exc:
                     if not is_functional_refusal(exc):
                         raise
                     loop = True
-                    rewind()
             if grads is None:
                 grads = looped(start, stop)
             for name in sums:

@@ -538,9 +538,11 @@ class Evaluations:
         self._end()
         self._start()
 
-    def _start(self) -> None:
+    def _start(self, replay: bool = True) -> None:
         self._guard.reset()
         self._modules.restore()
+        if not replay:
+            return
         self._started += 1
         mode = None
         if self._started == 1:
@@ -557,8 +559,13 @@ class Evaluations:
             _pop_dispatch_mode(mode)
 
     @contextlib.contextmanager
-    def evaluation(self) -> Iterator[None]:
-        """One evaluation of the loss (nested blocks belong to the outer one)."""
+    def evaluation(self, replay: bool = True) -> Iterator[None]:
+        """One evaluation of the loss (nested blocks belong to the outer one).
+
+        With ``replay=False`` the evaluation starts from the user's buffers as any
+        other, but its random draws come fresh from the global RNG and are not
+        recorded (per-sample gradients with their own dropout masks).
+        """
         if self._depth:
             self._depth += 1
             try:
@@ -567,7 +574,7 @@ class Evaluations:
                 self._depth -= 1
             return
         self._end()
-        self._start()
+        self._start(replay)
         self._depth = 1
         try:
             yield
