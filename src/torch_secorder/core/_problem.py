@@ -11,15 +11,26 @@ data through :func:`torch.func.functional_call`.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from torch_secorder.core._batch_checks import check_batch_device, inputs_fit, loss_of_output
+from torch_secorder.core._batch_checks import (
+    check_batch_device,
+    inputs_fit,
+    loss_of_output,
+    targets_fit,
+)
+from torch_secorder.core._fallback import (
+    has_compiled_module,
+    is_functional_refusal,
+    is_graph_refusal,
+)
 from torch_secorder.core._inputs import (
     as_param_list,
     check_loss,
@@ -31,9 +42,12 @@ from torch_secorder.errors import StrictError
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
 from torch_secorder.func.hvp import default_chunk_size
-from torch_secorder.linalg.trace import TraceEstimate, hutchinson
+from torch_secorder.linalg.progress import progress_bar
+from torch_secorder.linalg.trace import TraceEstimate, chunk_ranges, hutchinson
 
-__all__ = ["LossProblem", "closure_problem", "module_problem", "STRATEGIES"]
+__all__ = ["LossProblem", "closure_problem", "module_problem", "with_graph_fallback", "STRATEGIES"]
+
+T = TypeVar("T")
 
 #: How batches of Hessian products are computed by the wrappers.
 #: ``"vmap"``: forward-over-reverse ``jvp(grad(f))`` vmapped over the vectors;
@@ -43,7 +57,12 @@ __all__ = ["LossProblem", "closure_problem", "module_problem", "STRATEGIES"]
 #: is given; ``"auto"``: ``"vmap"`` on accelerators; on CPU ``"graph"`` for
 #: models with convolutions (vmapped convolution derivatives are about 2x slower
 #: there) and closures, ``"graph_batched"`` otherwise.  Measured side by side in
-#: ``benchmarks/bench_hutchinson.py``.
+#: ``benchmarks/bench_hutchinson.py``.  Whatever is asked, a route that torch
+#: refuses for the loss at hand is replaced by the other one (same numbers): the
+#: graph routes for code that ``torch.func`` refuses (old-style
+#: ``autograd.Function``, full backward hooks, saved-tensor hooks), ``"vmap"``
+#: for ``torch.compile``'d code (no double backward); see
+#: :mod:`torch_secorder.core._fallback`.
 STRATEGIES = ("auto", "vmap", "graph", "graph_batched")
 
 #: Vectors per batched backward of ``"graph_batched"`` when no chunk is given
@@ -87,6 +106,8 @@ class LossProblem:
     model: nn.Module | None = None
     _graph_grads: tuple[Tensor | None, ...] | None = field(default=None, repr=False)
     _checked_loss: Tensor | None = field(default=None, repr=False)
+    _functional_refused: bool = field(default=False, repr=False)
+    _graph_refused: bool = field(default=False, repr=False)
 
     @property
     def dim(self) -> int:
@@ -102,15 +123,62 @@ class LossProblem:
         return self.primals[0].device
 
     def resolve_strategy(self, strategy: str) -> str:
+        """The route that computes ``strategy``'s products for this loss.
+
+        ``"auto"`` picks by device and model (see :data:`STRATEGIES`).  Then, for any
+        ``strategy``: ``"vmap"`` becomes ``"graph_batched"`` where ``torch.func`` has
+        refused the loss (:meth:`functional_refused`), and a graph route becomes
+        ``"vmap"`` where the double backward is refused (``torch.compile``'d modules).
+        """
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if strategy == "auto":
             if self.device.type != "cpu":
-                return "vmap"
-            if self.model is None or _has_convolution(self.model):
-                return "graph"
+                strategy = "vmap"
+            elif self.model is None or _has_convolution(self.model):
+                strategy = "graph"
+            else:
+                strategy = "graph_batched"
+        if strategy == "vmap" and self.functional_refused():
             return "graph_batched"
+        if strategy != "vmap" and self.graph_refused():
+            return "vmap"
         return strategy
+
+    def functional_refused(self) -> bool:
+        """Whether ``torch.func`` has refused this loss (remembered for the problem).
+
+        Set by the first functional route that meets torch's refusal (see
+        :meth:`functional_or_graph`): old-style ``autograd.Function`` s, full backward
+        hooks, saved-tensor hooks.  Only torch's own refusals count
+        (:func:`~torch_secorder.core._fallback.is_functional_refusal`); any other error
+        in the user's code is raised as it is.
+        """
+        return self._functional_refused
+
+    def functional_or_graph(self, functional: Callable[[], T], graph: Callable[[], T]) -> T:
+        """``functional()``, or ``graph()`` where ``torch.func`` refuses the loss.
+
+        The refusal comes at the first transformed forward pass, before a route has
+        drawn anything from the global RNG or returned anything; it is remembered,
+        so later routes of the problem go to the graph at once.
+        """
+        if not self._functional_refused:
+            try:
+                return functional()
+            except RuntimeError as exc:
+                if not is_functional_refusal(exc):
+                    raise
+                self._functional_refused = True
+        return graph()
+
+    def graph_refused(self) -> bool:
+        """Whether the double backward of the graph routes is refused.
+
+        True for a model that is or contains a ``torch.compile``'d module, and after a
+        graph route met ``aot_autograd``'s refusal (compiled code inside a closure).
+        """
+        return self._graph_refused or has_compiled_module(self.model)
 
     def hutchinson(
         self,
@@ -175,16 +243,60 @@ class LossProblem:
         return self._graph_grads
 
     def matmat(self, strategy: str = "auto", chunk_size: int | None = None) -> Callable:
-        """The Hessian as ``V -> V H`` on flat ``(k, dim)`` batches, by ``strategy``."""
-        strategy = self.resolve_strategy(strategy)
-        like = list(self.primals)
-        if strategy == "vmap":
-            from torch_secorder.func.hvp import hessian_matmat
+        """The Hessian as ``V -> V H`` on flat ``(k, dim)`` batches, by ``strategy``.
 
-            self.release_checked_loss()
-            # Every evaluation of the loss replays the random draws of the first one (one
-            # dropout mask for all products) and draws nothing from the global RNG.
-            return hessian_matmat(self.pure, self.primals, chunk_size=chunk_size)
+        ``strategy`` is resolved by :meth:`resolve_strategy`.  Should a route be
+        refused on its first product, that product and all later ones take the other
+        route: the graph route (``"graph_batched"``) where ``torch.func`` refuses the
+        loss, the vmap route where the double backward is refused (``torch.compile``'d
+        code that the model does not show).  The vectors are the same either way.
+        """
+        strategy = self.resolve_strategy(strategy)
+        if strategy == "vmap":
+            vmap_matmat = self._vmap_matmat(chunk_size)
+
+            def refusable_matmat(flat: Tensor) -> Tensor:
+                return self.functional_or_graph(
+                    lambda: vmap_matmat(flat),
+                    lambda: self._graph_matmat("graph_batched", chunk_size)(flat),
+                )
+
+            refusable_matmat.dim = vmap_matmat.dim  # type: ignore[attr-defined]
+            return refusable_matmat
+        try:
+            graph_matmat = self._graph_matmat(strategy, chunk_size)
+        except RuntimeError as exc:
+            if not is_graph_refusal(exc):
+                raise
+            self._graph_refused = True
+            return self._vmap_matmat(chunk_size)
+        fallback: list[Callable] = []
+
+        def matmat(flat: Tensor) -> Tensor:
+            if not fallback:
+                try:
+                    return graph_matmat(flat)
+                except RuntimeError as exc:
+                    if not is_graph_refusal(exc):
+                        raise
+                    self._graph_refused = True
+                    fallback.append(self._vmap_matmat(chunk_size))
+            return fallback[0](flat)
+
+        return matmat
+
+    def _vmap_matmat(self, chunk_size: int | None) -> Callable:
+        """``V -> V H`` by vmapped forward-over-reverse products (the engine)."""
+        from torch_secorder.func.hvp import hessian_matmat
+
+        self.release_checked_loss()
+        # Every evaluation of the loss replays the random draws of the first one (one
+        # dropout mask for all products) and draws nothing from the global RNG.
+        return hessian_matmat(self.pure, self.primals, chunk_size=chunk_size)
+
+    def _graph_matmat(self, strategy: str, chunk_size: int | None) -> Callable:
+        """``V -> V H`` by backward passes through one ``create_graph`` gradient."""
+        like = list(self.primals)
         grads = self.graph_grads()
         tensors = [self.params[i] for i in self.active]
         used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -216,6 +328,137 @@ class LossProblem:
             )
 
         return matmat
+
+    def graph_diagonal(self, chunk_size: int | None = None, progress: bool = True) -> list[Tensor]:
+        r"""Exact diagonal blocks of the active tensors, on the autograd graph.
+
+        The route for losses that ``torch.func`` refuses.  For the active tensor
+        :math:`\theta_j` with gradient :math:`g_j`, a backward pass of
+        :math:`g_j^\top e_i` gives :math:`H_{jj} e_i`, whose entry :math:`i` is
+        :math:`H_{ii}`; the one-hot vectors :math:`e_i` go through batched backward
+        passes (``is_grads_batched``), ``chunk_size`` at a time (default
+        :data:`GRAPH_BATCH`), reusing one ``create_graph`` gradient.  Cost: one
+        backward pass per entry, as the vmapped sweep.
+        """
+        grads = self.graph_grads()
+        tensors = [self.params[i] for i in self.active]
+        step = GRAPH_BATCH if chunk_size is None else chunk_size
+        chunks = [
+            (j, start, stop)
+            for j, t in enumerate(tensors)
+            if grads[j] is not None and grads[j].requires_grad
+            for start, stop in chunk_ranges(t.numel(), step)
+        ]
+        pieces: list[list[Tensor]] = [[] for _ in tensors]
+        for j, start, stop in progress_bar(
+            chunks, enabled=progress, desc="Hessian diagonal (autograd graph)"
+        ):
+            t = tensors[j]
+            rows = torch.arange(stop - start, device=t.device)
+            basis = torch.zeros(stop - start, t.numel(), dtype=t.dtype, device=t.device)
+            basis[rows, rows + start] = 1.0
+            (columns,) = torch.autograd.grad(
+                grads[j],
+                t,
+                grad_outputs=basis.reshape(stop - start, *t.shape),
+                retain_graph=True,
+                create_graph=self.create_graph,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            if columns is None:
+                pieces[j].append(torch.zeros(stop - start, dtype=t.dtype, device=t.device))
+            else:
+                pieces[j].append(columns.reshape(stop - start, -1)[rows, rows + start])
+        return [
+            torch.cat(p).reshape(t.shape) if p else torch.zeros_like(primal)
+            for p, t, primal in zip(pieces, tensors, self.primals, strict=True)
+        ]
+
+    def graph_ggn_product(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Any, v: list[Tensor]
+    ) -> list[Tensor]:
+        r"""``J^T H_out J v`` of an output problem, on one autograd graph.
+
+        The route for models that ``torch.func`` refuses; ``v`` has one tensor per
+        tensor of ``params``, the result likewise.  One forward pass of the model gives
+        the output :math:`z` and its graph; then
+
+        * :math:`J v` by the double-vjp trick: :math:`a(u) = J^\top u` is linear in a
+          dummy cotangent :math:`u`, and the backward pass of :math:`a(u)^\top v`
+          with respect to :math:`u` is :math:`J v`;
+        * :math:`w = H_{\text{out}} J v`: a backward pass of
+          :math:`\nabla_z \ell(z, y)^\top (J v)` with respect to :math:`z`;
+        * :math:`J^\top w`: a backward pass of :math:`z` with cotangent :math:`w`.
+        """
+        if not self.active:
+            return [torch.zeros_like(p) for p in self.params]
+        tensors = [self.params[i] for i in self.active]
+        create_graph = self.create_graph
+        vectors = [v[i] if create_graph else v[i].detach() for i in self.active]
+        loss_on_output = differentiable(loss_fn)
+        with torch.enable_grad():
+            out = self.loss_closure()
+            with targets_fit(loss_fn, out, targets):  # a target unlike the output: ShapeError
+                loss = check_loss(loss_on_output(out, targets), "loss_fn(model(x), y)")
+            dummy = torch.zeros_like(out, requires_grad=True)
+            pulled = torch.autograd.grad(
+                out, tensors, grad_outputs=dummy, create_graph=True, allow_unused=True
+            )
+            used = [j for j, a in enumerate(pulled) if a is not None and a.requires_grad]
+            if not used:
+                return [torch.zeros_like(p) for p in self.params]
+            (jv,) = torch.autograd.grad(
+                [pulled[j] for j in used],
+                dummy,
+                grad_outputs=[vectors[j] for j in used],
+                create_graph=create_graph,
+            )
+            (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
+            if not g_out.requires_grad:  # a loss linear in the output
+                return [torch.zeros_like(p) for p in self.params]
+            (w,) = torch.autograd.grad(
+                g_out, out, grad_outputs=jv, retain_graph=True, create_graph=create_graph
+            )
+            product = torch.autograd.grad(
+                out, tensors, grad_outputs=w, create_graph=create_graph, allow_unused=True
+            )
+        return self.expand(
+            [
+                torch.zeros_like(p) if r is None else (r if create_graph else r.detach())
+                for r, p in zip(product, self.primals, strict=True)
+            ]
+        )
+
+
+def with_graph_fallback(
+    graph_route: Callable[..., T],
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Give a functional route ``route(problem, *args)`` its autograd-graph twin.
+
+    The decorated route runs as before; where ``torch.func`` refuses the problem's
+    loss, ``graph_route(problem, *args)`` runs instead, with the same arguments
+    (see :meth:`LossProblem.functional_or_graph`).
+
+    Example:
+        >>> @with_graph_fallback(LossProblem.graph_diagonal)
+        ... def diagonal(problem, chunk_size=None, progress=True):
+        ...     ...
+        >>> diagonal.__name__
+        'diagonal'
+    """
+
+    def decorate(route: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(route)
+        def run(problem: LossProblem, *args: Any, **kwargs: Any) -> T:
+            return problem.functional_or_graph(
+                lambda: route(problem, *args, **kwargs),
+                lambda: graph_route(problem, *args, **kwargs),
+            )
+
+        return run
+
+    return decorate
 
 
 def _active_indices(params: list[Tensor], strict: bool) -> list[int]:

@@ -24,7 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.core._inputs import as_vector_list, check_chunk_size
-from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
+from torch_secorder.core._problem import (
+    LossProblem,
+    closure_problem,
+    module_problem,
+    with_graph_fallback,
+)
 from torch_secorder.func import diagonal as _engine
 from torch_secorder.func import fast_diagonal as _fast
 
@@ -49,6 +54,7 @@ def _draws_random(problem: LossProblem) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
+@with_graph_fallback(LossProblem.graph_diagonal)  # models that torch.func refuses
 def active_hessian_diagonal(
     problem: LossProblem, chunk_size: int | None = None, progress: bool = True
 ) -> list[Tensor]:
