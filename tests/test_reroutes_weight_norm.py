@@ -24,9 +24,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from torch_secorder.core.gvp import model_jvp, model_vjp
 from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.core.hessian_trace import hessian_trace, model_hessian_trace
-from torch_secorder.core.hvp import exact_hvp, model_hvp
+from torch_secorder.core.hvp import exact_hvp, gauss_newton_product, model_hvp
 from torch_secorder.func._fixes import _weight_norm
 
 TOL = 1e-10
@@ -182,7 +183,7 @@ def test_diagonal_and_trace_model_and_closure(config, seed):
     kind, dim, old_style = config
     model = make_model(kind, dim, old_style, seed)
     x, y = data(kind, seed)
-    H = oracle(model, F.mse_loss if kind == "never" else F.cross_entropy, x, y)
+    H = oracle(model, F.cross_entropy, x, y)
     params = list(model.parameters())
 
     def closure():
@@ -212,3 +213,39 @@ def test_model_is_left_as_it_was(old_style):
     for k in before:
         assert torch.equal(before[k], after[k]), k
     assert all(p.grad is None for p in model.parameters())
+
+
+@settings(max_examples=8, deadline=None)
+@given(config=configs, seed=seeds)
+def test_jacobian_and_gauss_newton_products(config, seed):
+    """Forward mode through the weight norm (``model_jvp``, ``gauss_newton_product``)."""
+    kind, dim, old_style = config
+    model = make_model(kind, dim, old_style, seed)
+    x, y = data(kind, seed)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    sizes = [p.numel() for p in params]
+
+    def output(theta):
+        values = [t.reshape(p.shape) for t, p in zip(theta.split(sizes), params, strict=True)]
+        return functional_call(model, dict(zip(names, values, strict=True)), (x,))
+
+    with ReferenceWeightNorm():
+        theta = flat(params)
+        out = output(theta).detach()
+        J = torch.func.jacrev(output)(theta).reshape(out.numel(), -1)
+        H_out = torch.func.hessian(lambda o: F.cross_entropy(o.reshape(out.shape), y))(
+            out.reshape(-1)
+        )
+    g = torch.Generator().manual_seed(seed + 2)
+    v = [torch.randn(p.shape, generator=g, dtype=DTYPE) for p in params]
+    u = torch.randn(out.shape, generator=g, dtype=DTYPE)
+    Jv = J @ flat(v)
+    torch.testing.assert_close(model_jvp(model, x, v).reshape(-1), Jv, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(flat(model_vjp(model, x, u)), u.reshape(-1) @ J, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(
+        flat(gauss_newton_product(model, F.cross_entropy, x, y, v)),
+        J.T @ (H_out @ Jv),
+        rtol=TOL,
+        atol=TOL,
+    )
