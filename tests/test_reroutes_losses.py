@@ -510,3 +510,25 @@ def test_binary_cross_entropy_torch_own_second_derivative_is_off():
     with DifferentiableOpsMode():
         rerouted = torch.func.hessian(loss)(z).diagonal()
     torch.testing.assert_close(rerouted, exact, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binary_cross_entropy_at_zero_and_one(dtype):
+    """Probabilities of exactly 0 and 1 (a saturated sigmoid): torch's clamped values, and
+    finite derivatives: those of the clamped function (zero where the clamp holds)."""
+    p = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.25], dtype=dtype)
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.6], dtype=dtype)
+
+    def loss(t):
+        return F.binary_cross_entropy(t, y, reduction="sum")
+
+    with DifferentiableOpsMode():
+        values = F.binary_cross_entropy(p, y, reduction="none")
+        g = torch.func.grad(loss)(p)
+        h = torch.func.jacfwd(torch.func.grad(loss))(p)
+    torch.testing.assert_close(values, F.binary_cross_entropy(p, y, reduction="none"))
+    # Unclamped terms: d/dp = -y/p + (1-y)/(1-p), d2/dp2 = y/p^2 + (1-y)/(1-p)^2.
+    expected_g = torch.tensor([1.0, 0.0, 0.0, -1.0, -0.6 / 0.25 + 0.4 / 0.75], dtype=dtype)
+    expected_h = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.6 / 0.0625 + 0.4 / 0.5625], dtype=dtype)
+    torch.testing.assert_close(g, expected_g)
+    torch.testing.assert_close(h, torch.diag(expected_h))

@@ -224,8 +224,12 @@ def _binary_cross_entropy(
         )
     if _is_plain(input) and bool(((input < 0) | (input > 1)).any()):
         raise RuntimeError("all elements of input should be between 0 and 1")
-    log_p = torch.log(input).clamp(min=-100)
-    log_q = torch.log1p(-input).clamp(min=-100)
+    # log(0) = -inf is clamped to -100 as torch does; the where keeps its derivative 0
+    # there (0/0 = nan in the backward of log otherwise), as at any clamped point.
+    positive, below_one = input > 0, input < 1
+    log_p = torch.where(positive, torch.log(torch.where(positive, input, 1.0)), -100.0)
+    log_q = torch.where(below_one, torch.log1p(-torch.where(below_one, input, 0.0)), -100.0)
+    log_p, log_q = log_p.clamp(min=-100), log_q.clamp(min=-100)
     loss = -(target * log_p + (1 - target) * log_q)
     return _reduce(loss if weight is None else loss * weight, reduction)
 
