@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from torch_secorder.analysis.eigensolvers import model_eigenvalues
 from torch_secorder.analysis.landscape import compute_loss_surface_1d
+from torch_secorder.approximations.gauss_newton import gauss_newton_matrix_approximation
 from torch_secorder.core import hvp as hvp_api
 from torch_secorder.core._problem import STRATEGIES, module_problem
 from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
@@ -355,3 +356,64 @@ def test_shape_error_in_a_refused_model_is_raised():
         model_hessian_diagonal(model, F.cross_entropy, X, Y)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         model_hvp(model, F.cross_entropy, X, Y, [torch.ones_like(p) for p in model.parameters()])
+
+
+# ---------------------------------------------- GGN diagonal, and a model the fast routes refuse
+
+
+def _ggn_matrix(output_fn) -> Tensor:
+    point = _point()
+    flat = ravel(point)
+    jac = torch.func.jacrev(lambda x: output_fn(unravel(x, point)).reshape(-1))(flat)
+    out = output_fn(point)
+    h_out = torch.func.hessian(lambda o: F.cross_entropy(o.reshape(out.shape), Y))(out.reshape(-1))
+    return jac.T @ h_out @ jac
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_ggn_diagonal(kind, create_graph):
+    model = build(kind)
+    expected = unravel(_ggn_matrix(plain_output).diagonal(), _point())
+    diag = gauss_newton_matrix_approximation(
+        model, F.cross_entropy, X, Y, create_graph=create_graph, chunk_size=3
+    )
+    assert all(d.requires_grad == create_graph for d in diag)
+    assert_close([d.detach() for d in diag], expected)
+    _untouched(model)
+
+
+class CoupledOldStyle(nn.Module):
+    """``W2 (h * sum(h)) + b2`` with ``h`` an old-style tanh: no closed-form chain route."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w1, b1, w2, b2 = _point()
+        self.first, self.last = _linear(w1, b1), _linear(w2, b2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = _OldStyleTanh.apply(self.first(x))
+        return self.last(h * h.sum(1, keepdim=True))
+
+
+def coupled_output(params: list[Tensor]) -> Tensor:
+    w1, b1, w2, b2 = params
+    h = torch.tanh(F.linear(X, w1, b1))
+    return F.linear(h * h.sum(1, keepdim=True), w2, b2)
+
+
+def test_a_model_whose_fast_diagonal_routes_are_refused():
+    """The engine's diagonal routes meet the refusal; the graph routes give the oracle's numbers."""
+    model = CoupledOldStyle()
+    hessian = dense_hessian(lambda p: F.cross_entropy(coupled_output(p), Y), _point())
+    like = _point()
+    assert_close(
+        model_hessian_diagonal(model, F.cross_entropy, X, Y, chunk_size=4),
+        unravel(hessian.diagonal(), like),
+    )
+    assert_close(model_hessian_trace(model, F.cross_entropy, X, Y), hessian.trace())
+    assert_close(
+        gauss_newton_matrix_approximation(model, F.cross_entropy, X, Y),
+        unravel(_ggn_matrix(coupled_output).diagonal(), like),
+    )
+    _untouched(model)

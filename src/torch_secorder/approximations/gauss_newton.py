@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from torch_secorder._checks import check_chunk_size
+from torch_secorder.core._fallback import is_functional_refusal
+from torch_secorder.core._graph_ggn import graph_ggn_diagonal
 from torch_secorder.core._inputs import check_loss, check_module
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.func._fixes import differentiable
@@ -254,12 +256,24 @@ def gauss_newton_matrix_approximation(
                 stacklevel=2,
             )
             return []
-        if create_graph or problem.draws_random:
-            return _diagonal_by_columns(problem, create_graph, chunk_size)
-        diag = ggn_diagonal(
-            problem.out_fn, problem.loss_of_out, problem.point(False), chunk_size=chunk_size
-        )
-        return [diag[name] for name in problem.names]
+        try:
+            if create_graph or problem.draws_random:
+                return _diagonal_by_columns(problem, create_graph, chunk_size)
+            diag = ggn_diagonal(
+                problem.out_fn, problem.loss_of_out, problem.point(False), chunk_size=chunk_size
+            )
+            return [diag[name] for name in problem.names]
+        except RuntimeError as exc:  # torch.func refuses the model: the autograd graph
+            if not is_functional_refusal(exc):
+                raise
+            point = dict(zip(problem.names, problem.active, strict=True))
+            return graph_ggn_diagonal(
+                problem.out_fn,
+                point,
+                problem.loss_of_out,
+                create_graph=create_graph,
+                chunk_size=chunk_size,
+            )
 
 
 def gauss_newton_matrix(

@@ -1,0 +1,115 @@
+r"""The exact GGN diagonal on one autograd graph, for models that ``torch.func`` refuses.
+
+With the output :math:`z = f(\theta)`, :math:`J = \partial z / \partial \theta` and
+:math:`H_{\text{out}} = \nabla_z^2 \ell(z)`, the diagonal of the generalised
+Gauss-Newton matrix is
+
+.. math::
+    G_{ii} = c_i^\top H_{\text{out}}\, c_i, \qquad c_i = J e_i ,
+
+one column of :math:`J` per parameter entry.  The columns come from the
+double-vjp trick: :math:`a(u) = J^\top u` is linear in a dummy cotangent
+:math:`u`, and the backward pass of :math:`a(u)^\top e_i` with respect to
+:math:`u` is :math:`J e_i`.  Both the columns and their products with
+:math:`H_{\text{out}}` are batched backward passes (``is_grads_batched``),
+``chunk_size`` entries at a time, through one forward pass of the model.  Only
+plain autograd is used, so old-style ``autograd.Function`` s, full backward
+hooks and checkpointing with saved-tensor hooks are fine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from torch_secorder.linalg.progress import progress_bar
+from torch_secorder.linalg.trace import chunk_ranges
+
+__all__ = ["graph_ggn_diagonal"]
+
+#: Entries of a batch of Jacobian columns aimed at by the default chunk.
+CHUNK_ENTRIES = 2**24
+
+#: Largest default number of columns per batched backward pass.
+MAX_CHUNK = 256
+
+
+def graph_ggn_diagonal(
+    out_fn: Callable[[dict[str, Tensor]], Tensor],
+    params: dict[str, Tensor],
+    loss_of_out: Callable[[Tensor], Tensor],
+    *,
+    create_graph: bool = False,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> list[Tensor]:
+    """Exact ``diag(J^T H_out J)`` of ``loss_of_out(out_fn(params))``, one tensor per parameter.
+
+    Args:
+        out_fn: The model output as a function of ``params`` (run on plain autograd).
+        params: The point.  With ``create_graph`` these very tensors are
+            differentiated (the result is differentiable with respect to them);
+            otherwise detached copies are.
+        loss_of_out: The loss as a function of the output.
+        create_graph: Make the result differentiable.
+        chunk_size: Jacobian columns per batched backward pass.
+        progress: Show a progress bar for long runs.
+
+    Returns:
+        A list shaped like ``params.values()``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[3.0, 1.0]])
+        >>> out_fn = lambda p: torch.nn.functional.linear(x, p["w"])
+        >>> graph_ggn_diagonal(out_fn, {"w": torch.tensor([[1.0, 2.0]])}, lambda o: (o**2).sum())
+        [tensor([[18.,  2.]])]
+    """
+    names = list(params)
+    tensors = [params[k] if create_graph else params[k].detach().requires_grad_() for k in names]
+    with torch.enable_grad():
+        out = out_fn(dict(zip(names, tensors, strict=True)))
+        (g_out,) = torch.autograd.grad(loss_of_out(out), out, create_graph=True)
+        dummy = torch.zeros_like(out, requires_grad=True)
+        pulled = torch.autograd.grad(
+            out, tensors, grad_outputs=dummy, create_graph=True, allow_unused=True
+        )
+        step = chunk_size or max(1, min(MAX_CHUNK, CHUNK_ENTRIES // max(out.numel(), 1)))
+        chunks = [
+            (j, start, stop)
+            for j, t in enumerate(tensors)
+            if pulled[j] is not None and pulled[j].requires_grad and g_out.requires_grad
+            for start, stop in chunk_ranges(t.numel(), step)
+        ]
+        pieces: list[list[Tensor]] = [[] for _ in tensors]
+        for j, start, stop in progress_bar(chunks, enabled=progress, desc="GGN diagonal (graph)"):
+            t, k = tensors[j], stop - start
+            basis = torch.zeros(k, t.numel(), dtype=t.dtype, device=t.device)
+            basis[torch.arange(k), torch.arange(start, stop)] = 1.0
+            (columns,) = torch.autograd.grad(
+                pulled[j],
+                dummy,
+                grad_outputs=basis.reshape(k, *t.shape),
+                retain_graph=True,
+                create_graph=create_graph,
+                is_grads_batched=True,
+            )
+            (h_columns,) = torch.autograd.grad(
+                g_out,
+                out,
+                grad_outputs=columns,
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            if h_columns is None:
+                h_columns = torch.zeros_like(columns)
+            pieces[j].append((columns * h_columns).reshape(k, -1).sum(-1))
+    diag = [
+        torch.cat(p).reshape(t.shape) if p else torch.zeros_like(t)
+        for p, t in zip(pieces, tensors, strict=True)
+    ]
+    return diag if create_graph else [d.detach() for d in diag]
