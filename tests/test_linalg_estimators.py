@@ -594,3 +594,144 @@ def test_on_a_model_low_rank_hessian_exact():
     est_model = xnystrace(lambda V: mm2(mm2(V)), H2.shape[0], 10, generator=gen(1), dtype=DTYPE)
     est_dense = xnystrace(matmat_of(psd_part), H2.shape[0], 10, generator=gen(1), dtype=DTYPE)
     assert_close(est_model.estimate, est_dense.estimate)
+
+
+# ------------------------------------- the fast formulas against the definitions, naively
+
+
+def _orth(M: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(M).Q
+
+
+def _naive_xtrace(A, Om, improved):
+    """The definition: for each i, a basis of the other products, probe omega_i on the rest."""
+    n, k = A.shape[0], Om.shape[0]
+    Y = Om @ A
+    samples = []
+    for i in range(k):
+        Q_i = _orth(torch.cat([Y[:i], Y[i + 1 :]]).T)
+        r = Om[i] - Q_i @ (Q_i.T @ Om[i])
+        if improved:
+            r = r * math.sqrt(n - k + 1) / r.norm()
+        samples.append((Q_i.T @ A @ Q_i).trace() + r @ A @ r)
+    return torch.stack(samples)
+
+
+def _naive_xnystrace(A, Om, improved):
+    """The definition: Nystrom approximation from the other vectors, omega_i probes the rest."""
+    n, m = A.shape[0], Om.shape[0]
+    samples = []
+    for i in range(m):
+        others = torch.cat([Om[:i], Om[i + 1 :]]).T
+        Y = A @ others
+        A_hat = Y @ torch.linalg.pinv(others.T @ Y, hermitian=True) @ Y.T
+        scale = 1.0
+        if improved:
+            r = Om[i] - _orth(others) @ (_orth(others).T @ Om[i])
+            scale = (n - m + 1) / (r @ r)
+        samples.append(A_hat.trace() + scale * (Om[i] @ (A - A_hat) @ Om[i]))
+    return torch.stack(samples)
+
+
+def _naive_xdiag(A, Om):
+    n, k = A.shape[0], Om.shape[0]
+    Y = Om @ A
+    samples = []
+    for i in range(k):
+        Q_i = _orth(torch.cat([Y[:i], Y[i + 1 :]]).T)
+        P_i = Q_i @ Q_i.T
+        samples.append(
+            (P_i @ A).diagonal() + Om[i] * ((torch.eye(n, dtype=DTYPE) - P_i) @ A @ Om[i])
+        )
+    return torch.stack(samples)
+
+
+def _naive_errors(naive, A, Om, *args):
+    """(estimate, leave-one-out std error, jackknife std error) from the definitions."""
+    k = Om.shape[0]
+    samples = naive(A, Om, *args)
+    replicates = torch.stack(
+        [naive(A, torch.cat([Om[:j], Om[j + 1 :]]), *args).mean(0) for j in range(k)]
+    )
+    jackknife = torch.sqrt((k - 1) / k * ((replicates - replicates.mean(0)) ** 2).sum(0))
+    return samples.mean(0), samples.std(0) / math.sqrt(k), jackknife
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(12, 24),  # budgets 2k <= 10 < n: no exact fallback
+    k=st.integers(2, 5),
+    seed=st.integers(0, 2**31 - 1),
+    distribution=st.sampled_from(["gaussian", "rademacher"]),
+)
+def test_fast_formulas_match_the_definitions(n, k, seed, distribution):
+    """XTrace, XNysTrace, XDiag and both error estimates against naive loops, to 1e-9."""
+    from torch_secorder.linalg.probes import draw_probes
+
+    A, P = indefinite(n, seed % 1000), psd(n, seed % 1000 + 1)
+    improved = distribution == "gaussian"
+    Om = draw_probes(k, n, distribution=distribution, generator=gen(seed), dtype=DTYPE)
+    cases = [
+        (xtrace, A, 2 * k, _naive_xtrace, (improved,), {"distribution": distribution}),
+        (xnystrace, P, k, _naive_xnystrace, (improved,), {"distribution": distribution}),
+    ]
+    if distribution == "rademacher":
+        cases.append((xdiag, A, 2 * k, _naive_xdiag, (), {}))
+    for call, M, budget, naive, args, kwargs in cases:
+        estimate, loo, jackknife = _naive_errors(naive, M, Om, *args)
+        scale = float(M.abs().max()) * n
+        for error_estimate, expected in [("leave-one-out", loo), ("jackknife", jackknife)]:
+            est = call(
+                matmat_of(M),
+                n,
+                budget,
+                error_estimate=error_estimate,
+                generator=gen(seed),
+                dtype=DTYPE,
+                **kwargs,
+            )
+            assert_close(est.estimate / scale, estimate / scale, tol=1e-9)
+            assert_close(est.std_error / scale, expected / scale, tol=1e-9)
+
+
+def test_hutchpp_matches_its_definition():
+    from torch_secorder.linalg.probes import draw_probes
+
+    A = indefinite()
+    g = gen(4)
+    S = draw_probes(5, N, generator=g, dtype=DTYPE)
+    G = draw_probes(7, N, generator=g, dtype=DTYPE)
+    Q = _orth(A @ S.T)
+    P = torch.eye(N, dtype=DTYPE) - Q @ Q.T
+    values = ((G @ P) @ A * (G @ P)).sum(1)
+    est = hutchpp(matmat_of(A), N, 17, sketch_size=5, generator=gen(4), dtype=DTYPE)
+    assert_close(est.estimate, (Q.T @ A @ Q).trace() + values.mean())
+    assert_close(est.std_error, values.std() / math.sqrt(7))
+    assert est.matvecs == 17
+
+
+def test_global_generator_when_none():
+    """generator=None draws from torch's global generator: reproducible by manual_seed."""
+    A = indefinite()
+    for call in (hutchpp, xtrace, xdiag, hutchinson_diagonal):
+        torch.manual_seed(11)
+        first = call(matmat_of(A), N, 12, dtype=DTYPE)
+        after_first = torch.rand(1)
+        torch.manual_seed(11)
+        second = call(matmat_of(A), N, 12, dtype=DTYPE)
+        assert_close(first.estimate, second.estimate)
+        torch.manual_seed(11)
+        assert not torch.equal(torch.rand(1), after_first)  # the estimator advanced it
+
+
+def test_probe_inside_the_range_is_no_division_by_zero():
+    """A test vector that is exactly in the range of a rank-1 A: its projection is 0."""
+    from torch_secorder.linalg.probes import draw_probes
+
+    n = 16
+    b = draw_probes(1, n, distribution="gaussian", generator=gen(9), dtype=DTYPE)[0]
+    A = torch.outer(b, b)  # the first Gaussian test vector of seed 9 spans range(A)
+    for call, budget in [(xtrace, 4), (xtrace, 8), (xnystrace, 2), (xnystrace, 4)]:
+        est = call(matmat_of(A), n, budget, generator=gen(9), dtype=DTYPE)
+        assert_close(est.estimate, A.trace())
+        assert torch.isfinite(est.std_error)

@@ -34,7 +34,9 @@ r"""Stochastic estimators of the diagonal of a matrix known only through product
   conservative in expectation by the Efron-Stein inequality), or on request the
   standard deviation of the :math:`k` estimates :math:`\widehat{d}_i` over
   :math:`\sqrt{k}`, which treats the positively correlated :math:`\widehat{d}_i`
-  as independent and undercovers (84-94% of 95% intervals on test matrices).
+  as independent and undercovers: on test matrices (:math:`n` = 30 and 100,
+  four spectra, :math:`k` = 6 to 40, 200 seeds each) the per-entry 95%
+  intervals covered 84-93% of entries with it, 91-100% with the jackknife.
 
 Both fall back to the exact diagonal (``dim`` products with unit vectors,
 ``std_error`` zero) when the budget is at least ``dim``.
@@ -97,6 +99,44 @@ def _xdiag_estimates(Om: Tensor, Y: Tensor, Q: Tensor, R: Tensor, Z: Tensor) -> 
     # (I - Q_(i) Q_(i)^T) y_i = (y_i - Q Q^T y_i) + Q s_i (s_i^T Q^T y_i)
     residual = (Y.T - Q @ QtY) + QS * (S * QtY).sum(0)
     return (Q * Z).sum(1) - (QS * ZS).T + Om * residual.T
+
+
+def _xdiag_jackknife(Om: Tensor, Y: Tensor, Q: Tensor, Z: Tensor) -> Tensor:
+    """Per-entry jackknife standard error of XDiag, from the same products.
+
+    Without :math:`\\omega_j` the basis is :math:`Q_j = QB_j` with
+    :math:`B_j R_j` the QR factorisation of :math:`Q^\\top Y_{-j}` (a ``k x (k-1)``
+    matrix), and :math:`A Q_j = Z B_j`.  The mean of that replicate's estimates is
+
+    .. math::
+        \\operatorname{diag}(Q M_j Z^\\top) + \\tfrac{1}{k-1}\\textstyle\\sum_{i \\ne j}
+        \\omega_i \\odot (e_i + Q u_i),
+        \\qquad M_j = B_jB_j^\\top - \\tfrac{1}{k-1} B_jS_jS_j^\\top B_j^\\top,
+
+    with :math:`e_i = y_i - QQ^\\top y_i` (rounding) and :math:`u_i` the
+    coordinates in :math:`Q` of the rest of :math:`(I - Q_{(i)}Q_{(i)}^\\top) y_i`:
+    one ``n x 2k`` by ``2k x k`` product per replicate, :math:`O(nk^3)` in all.
+    """
+    k = Om.shape[0]
+    others = k - 1
+    QtY = Q.T @ Y.T  # columns Q^T y_i
+    omega_e = Om.T * (Y.T - Q @ QtY)  # columns omega_i * e_i
+    omega_e_total = omega_e.sum(1)
+    ZOm = torch.cat([Z, Om.T], 1)  # (n, 2k)
+    replicates = []
+    for j in range(k):
+        keep = [i for i in range(k) if i != j]
+        B, R_j = torch.linalg.qr(QtY[:, keep])  # Q^T Y_{-j}^T = B R_j
+        S_j = leave_one_out_directions(R_j)
+        W = B.T @ QtY[:, keep]  # Q_j^T y_i
+        BS = B @ S_j
+        U = (QtY[:, keep] - B @ W) + BS * (S_j * W).sum(0)
+        coefficients = torch.zeros(2 * k, k, dtype=Q.dtype, device=Q.device)
+        coefficients[:k] = B @ B.T - (BS @ BS.T) / others
+        coefficients[k:][keep] = U.T / others
+        replicate = (Q * (ZOm @ coefficients)).sum(1) + (omega_e_total - omega_e[:, j]) / others
+        replicates.append(replicate)
+    return jackknife_std_error(torch.stack(replicates))
 
 
 def hutchinson_diagonal(
@@ -229,11 +269,5 @@ def xdiag(
     Z = apply_matmat(matmat, Q.T.contiguous(), chunk_size, progress=progress, desc="XDiag basis").T
     mean, std_error = mean_and_std_error(_xdiag_estimates(Om, Y, Q, R, Z))
     if error_estimate == "jackknife":
-        replicates = []
-        for j in range(k):
-            keep = [i for i in range(k) if i != j]
-            Q_j, R_j = torch.linalg.qr(Y[keep].T)  # basis of range(Y_{-j}), inside range(Q)
-            Z_j = Z @ (Q.T @ Q_j)  # = A Q_j, no new products
-            replicates.append(_xdiag_estimates(Om[keep], Y[keep], Q_j, R_j, Z_j).mean(0))
-        std_error = jackknife_std_error(torch.stack(replicates))
+        std_error = _xdiag_jackknife(Om, Y, Q, Z)
     return Estimate(mean, std_error, 2 * k)

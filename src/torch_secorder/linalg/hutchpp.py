@@ -20,7 +20,13 @@ instead of :math:`1/\sqrt{m}` when the spectrum decays.
 The error bar is the standard error of the residual Hutchinson term (its sample
 standard deviation over :math:`\sqrt{g}`): the standard deviation of
 :math:`\widehat{t}` given the sketch, which is the only random part left once
-:math:`Q` is drawn.
+:math:`Q` is drawn.  It is a sample standard deviation of :math:`g` values,
+so ``estimate +- 1.96 * std_error`` is a Student-t interval with :math:`g-1`
+degrees of freedom read as a normal one: with few residual probes it covers the
+truth less often than 95% (81-88% of runs with :math:`g = 4`, 87-95% with
+:math:`g = 8` to :math:`28`, on test matrices with :math:`n` = 30 and 100).
+Pass a smaller ``sketch_size`` for more residual probes when the error bar
+matters.
 
 Reference:
     R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff, "Hutch++: Optimal

@@ -48,12 +48,16 @@ unbiased with less variance.
 Error estimate.  The :math:`\widehat{t}_i` share most of the sketch and are
 positively correlated, so the paper's :math:`\widehat{\sigma}_{\mathrm{LOO}}`
 underestimates the error, the more so as the sketch captures the matrix well:
-on test matrices its 95% interval covered the truth in as few as 47% of runs.
+on test matrices (:math:`n` = 30 and 100, four spectra, :math:`m` = 12 to 80,
+200 seeds each) its 95% interval covered the truth in 47-85% of runs.
 The default is the jackknife: XNysTrace rerun without each test vector (from
 the same products, in coordinates of the span of :math:`\Omega` and :math:`Y`),
 :math:`\widehat{\sigma}_{\mathrm{J}}^2 = \frac{m-1}{m}\sum_j
 (\widehat{t}^{(-j)} - \overline{t})^2`, conservative in expectation by the
-Efron-Stein inequality (see :mod:`~torch_secorder.linalg.xtrace`).
+Efron-Stein inequality (see :mod:`~torch_secorder.linalg.xtrace`): it covered
+the truth in 96-100% of the same runs, with an error bar 1.2-3.6 times the
+actual spread.  It costs no products: one QR factorisation of an
+:math:`n \times 2m` matrix and :math:`O(m^4)` arithmetic.
 
 The operator must be positive semi-definite: an indefinite one makes
 :math:`G` indefinite, and then a :class:`ValueError` is raised when the
@@ -113,7 +117,10 @@ def _leave_one_out_estimates(Om: Tensor, Y: Tensor, dim: int, nu: Tensor, improv
     if improved:
         R_Om = torch.linalg.qr(Om.T).R  # Omega = Q_Om R_Om
         R_inv = torch.linalg.solve_triangular(R_Om, eye, upper=True)
-        residual = residual * ((dim - m + 1) * (R_inv * R_inv).sum(1))  # ((Om^T Om)^{-1})_ii
+        inv_norm2 = (R_inv * R_inv).sum(1)  # ((Om^T Om)^{-1})_ii = 1 / ||omega_i off the rest||^2
+        # omega_i (almost) in the span of the others (probability ~0): leave it unscaled
+        usable = inv_norm2 * (Om * Om).sum(1) < torch.finfo(Om.dtype).eps ** -0.5
+        residual = torch.where(usable, residual * ((dim - m + 1) * inv_norm2), residual)
     return (Ft * Ft).sum() - FX_norm2 / inv_G_diag + residual - dim * nu
 
 
@@ -144,7 +151,7 @@ def xnystrace(
             ``"rademacher"``.
         error_estimate: ``"jackknife"`` (default): the jackknife over the test
             vectors, XNysTrace rerun without each of them (no new products,
-            :math:`O(m^4)` arithmetic); conservative by the Efron-Stein
+            an :math:`n \times 2m` QR and :math:`O(m^4)`); conservative by the Efron-Stein
             inequality.  ``"leave-one-out"``: the paper's
             :math:`\operatorname{std}(\widehat{t}_i)/\sqrt{m}`, cheaper, which
             can underestimate the error badly (see above).

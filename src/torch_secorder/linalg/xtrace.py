@@ -35,15 +35,19 @@ projector; the estimator stays unbiased and has lower variance.  With
 
 Error estimate.  The paper's :math:`\widehat{\sigma}_{\mathrm{LOO}}` treats the
 :math:`\widehat{t}_i` as independent; they are positively correlated (they share
-most of the sketch), and on test matrices with :math:`k \le 40` the interval
-:math:`\pm 1.96\,\widehat{\sigma}_{\mathrm{LOO}}` covered the truth in only 77-93%
+most of the sketch), and on test matrices (:math:`n` = 30 and 100, four
+spectra, :math:`k` = 6 to 40, 200 seeds each) the interval
+:math:`\pm 1.96\,\widehat{\sigma}_{\mathrm{LOO}}` covered the truth in only 79-90%
 of runs.  The default is therefore the jackknife,
 :math:`\widehat{\sigma}_{\mathrm{J}}^2 = \frac{k-1}{k}\sum_j
 (\widehat{t}^{(-j)} - \overline{t})^2` with :math:`\widehat{t}^{(-j)}` XTrace
 on the test vectors but :math:`\omega_j` (computed from the same products), whose
 expectation bounds the variance from above for any symmetric function of
-independent test vectors (Efron and Stein 1981); it covered the truth in 95-100%
-of runs, with an error bar 1.2-2.4 times the actual spread.
+independent test vectors (Efron and Stein 1981, for the estimator on
+:math:`k-1` vectors); it covered the truth in 94-100% of the same runs, with an
+error bar 1.2-2.4 times the actual spread.  It costs no products: one QR
+factorisation of an :math:`n \times 4k` matrix and :math:`O(k^4)` arithmetic
+(2-4 times the arithmetic of the estimate itself).
 
 References:
     E. N. Epperly, J. A. Tropp, R. J. Webber, "XTrace: Making the Most of Every
@@ -103,7 +107,10 @@ def _leave_one_out_estimates(
     )
     if improved:
         norm2 = (P_Om * P_Om).sum(0) + c**2  # ||(I - Q_(i) Q_(i)^T) omega_i||^2
-        residual = residual * ((dim - k + 1) / norm2)
+        # omega_i (almost) inside range(Q_(i)), an event of probability zero (or ~1e-8):
+        # its projection is rounding noise, so it is used unscaled rather than blown up
+        usable = norm2 > torch.finfo(Om.dtype).eps ** 0.5 * (Om * Om).sum(1)
+        residual = torch.where(usable, residual * ((dim - k + 1) / norm2), residual)
     return H.trace() - sHs + residual
 
 
@@ -154,7 +161,7 @@ def xtrace(
             ``"rademacher"``.
         error_estimate: ``"jackknife"`` (default): the jackknife over the test
             vectors, XTrace rerun without each of them (no new products,
-            :math:`O(k^4)` arithmetic); conservative by the Efron-Stein
+            an :math:`n \times 4k` QR and :math:`O(k^4)`); conservative by the Efron-Stein
             inequality.  ``"leave-one-out"``: the paper's
             :math:`\operatorname{std}(\widehat{t}_i)/\sqrt{k}`, cheaper, which
             underestimates the error for small budgets (the
