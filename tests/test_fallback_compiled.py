@@ -259,3 +259,16 @@ def test_an_unrelated_double_backward_error_is_raised():
     closure = _cube_closure(x, "a bug in the user's backward")
     with pytest.raises(RuntimeError, match="a bug in the user's backward"):
         exact_hvp(closure, [x], torch.ones(3, dtype=DT), strategy="graph")
+
+
+def test_a_model_with_a_compiled_submodule(compiled):
+    """A plain container around the compiled module: routed to vmap, the oracle's numbers."""
+    model = nn.Sequential(compiled)
+    v = _vector()
+    expected = unravel(HESSIAN @ ravel(v), v)
+    for strategy in ("auto", "graph"):
+        assert_close(model_hvp(model, F.cross_entropy, X, Y, v, strategy=strategy), expected)
+    assert_close(
+        model_hessian_diagonal(model, F.cross_entropy, X, Y), unravel(HESSIAN.diagonal(), POINT)
+    )
+    _untouched(compiled)
