@@ -141,3 +141,14 @@ def test_strict_model_errors_are_runtime_errors():
     finally:
         model[0].bias.requires_grad_(True)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unflatten_params_of_the_wrong_size_is_a_shape_error():
+    shapes = [torch.Size([2, 2]), torch.Size([1])]
+    with pytest.raises(RuntimeError, match="has 4 entries but param_shapes describe 5"):
+        torch_secorder.unflatten_params(torch.arange(4.0), shapes)
+    with pytest.raises(ShapeError, match=r"1-D, got shape \(5, 1\)"):
+        torch_secorder.unflatten_params(torch.arange(5.0).reshape(5, 1), shapes)
+    back = torch_secorder.unflatten_params(torch.arange(5.0), shapes)
+    assert torch.equal(back[0], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    assert torch.equal(back[1], torch.tensor([4.0]))

@@ -73,7 +73,7 @@ _DTYPE_MESSAGE = re.compile(r"dtype|scalar type|Input type|type \(", re.IGNORECA
 
 
 def _dtypes(tensors: Sequence[tuple[str, Tensor]]) -> str:
-    return ", ".join(f"{label}: {t.dtype}" for label, t in tensors)
+    return ", ".join(f"{label} has dtype {t.dtype}" for label, t in tensors)
 
 
 @contextlib.contextmanager
@@ -100,7 +100,7 @@ def inputs_fit(params: Sequence[Tensor], inputs: Any, name: str = "inputs") -> I
             f"convert them with .to({dtype})"
         )
         raise TypeError(
-            f"{name} have dtype {_dtypes(odd)}, but the parameters of the model have dtype "
+            f"{_dtypes(odd)}, but the parameters of the model have dtype "
             f"{dtype}: {hint} or the model (model.to(...)). The forward pass failed with: {err}"
         ) from err
 

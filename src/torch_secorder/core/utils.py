@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.core._inputs import as_param_list, check_module
+from torch_secorder.errors import ShapeError
 from torch_secorder.func._tree import tree_ravel
 
 __all__ = [
@@ -89,11 +90,11 @@ def unflatten_params(flat_params: Tensor, param_shapes: Sequence[Any]) -> list[T
     if not isinstance(flat_params, Tensor):
         raise TypeError(f"flat_params must be a torch.Tensor, got {type(flat_params).__name__}")
     if flat_params.dim() != 1:
-        raise ValueError(f"flat_params must be 1-D, got shape {tuple(flat_params.shape)}")
+        raise ShapeError(f"flat_params must be 1-D, got shape {tuple(flat_params.shape)}")
     shapes = _as_shapes(param_shapes)
     sizes = [s.numel() for s in shapes]
     if sum(sizes) != flat_params.numel():
-        raise ValueError(
+        raise ShapeError(
             f"flat_params has {flat_params.numel()} entries but param_shapes describe {sum(sizes)}"
         )
     pieces = torch.split(flat_params, sizes)
