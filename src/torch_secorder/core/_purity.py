@@ -157,6 +157,8 @@ def written_tensors(func: Any, args: tuple, kwargs: dict) -> list[Tensor]:
     unknown to ATen (``torch.nn.init.normal_``) writes its first argument.
     """
     name = getattr(func, "__name__", "")
+    if not kwargs and not name.endswith("_") and not isinstance(func, torch._ops.OpOverload):
+        return []  # the common case, quickly: no in-place name, no out=, no inplace=
     if name in _METADATA_ONLY:
         return []
     schema = getattr(func, "_schema", None)
@@ -201,6 +203,20 @@ _NORMS_WITH_RUNNING_STATS = {
     F.batch_norm: (5, "training"),
     F.instance_norm: (5, "use_input_stats"),
 }
+
+
+def _without_running_stats(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A norm's arguments without running statistics when it uses batch statistics."""
+    flag_index, flag_name = _NORMS_WITH_RUNNING_STATS[func]
+    uses_batch_stats = kwargs.get(flag_name, args[flag_index] if len(args) > flag_index else False)
+    if not uses_batch_stats:
+        return args, kwargs
+    args, kwargs = list(args), dict(kwargs)
+    for index, name in ((1, "running_mean"), (2, "running_var")):
+        if len(args) > index:
+            args[index] = None
+        kwargs.pop(name, None)
+    return tuple(args), kwargs
 
 
 class PreservingMode(TorchFunctionMode):
@@ -282,50 +298,46 @@ class PreservingMode(TorchFunctionMode):
             self._shadows[key] = (t.dtype, whole.clone())
 
     def _substitute(self, t: Tensor) -> Tensor:
-        if _is_wrapped(t):
-            return t
+        if t.requires_grad or _is_wrapped(t):
+            return t  # (a tensor with a grad_fn requires grad)
+        base = t._base
+        if self._was_created_here(t) and (base is None or self._was_created_here(base)):
+            return t  # our own tensor, not a view of the user's
         shadow = self._shadow_of(t)
         return t if shadow is None else shadow
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
+        kwargs = kwargs or {}
         if func in _NORMS_WITH_RUNNING_STATS:
-            flag_index, flag_name = _NORMS_WITH_RUNNING_STATS[func]
-            uses_batch_stats = kwargs.get(
-                flag_name, args[flag_index] if len(args) > flag_index else False
-            )
-            if uses_batch_stats:
-                args = list(args)
-                for index, name in ((1, "running_mean"), (2, "running_var")):
-                    if len(args) > index:
-                        args[index] = None
-                    kwargs.pop(name, None)
-                args = tuple(args)
+            args, kwargs = _without_running_stats(func, args, kwargs)
         written = written_tensors(func, args, kwargs)
-        users = {}
-        for t in written:
-            inner = self._users_storage(t)
-            if inner is not None:
-                self._make_shadow(inner)
-                users[id(t)] = inner
+        if written:
+            users = {}
+            for t in written:
+                inner = self._users_storage(t)
+                if inner is not None:
+                    self._make_shadow(inner)
+                    users[id(t)] = inner
+            if users:
+                args = _map_tensors(args, lambda t: users.get(id(t), t))
+                kwargs = _map_tensors(kwargs, lambda t: users.get(id(t), t))
         if self._shadows:
-
-            def substitute(t: Tensor) -> Tensor:
-                return self._substitute(users.get(id(t), t))
-
-            args = _map_tensors(args, substitute)
-            kwargs = _map_tensors(kwargs, substitute)
+            args = _map_tensors(args, self._substitute)
+            kwargs = _map_tensors(kwargs, self._substitute)
         result = func(*args, **kwargs)
-        if not written:
+        if written:
+            return result
+        if type(result) is Tensor or isinstance(result, Tensor):
+            created = self._created
+            if len(created) > 65536:  # forget the dead, keep the table small
+                self._created = created = {k: r for k, r in created.items() if r() is not None}
+            created[id(result)] = weakref.ref(result)
+            if args and _is_wrapped(result):
+                first = args[0]
+                if isinstance(first, Tensor) and self._users_storage(first) is not None:
+                    self._note_wrapped_view(result, first)
+        elif isinstance(result, (tuple, list)):
             self._note_created(result)
-            first = args[0] if args else None
-            if (
-                isinstance(result, Tensor)
-                and _is_wrapped(result)
-                and isinstance(first, Tensor)
-                and self._users_storage(first) is not None
-            ):
-                self._note_wrapped_view(result, first)
         return result
 
     def _note_wrapped_view(self, result: Tensor, source: Tensor) -> None:
