@@ -313,3 +313,24 @@ def test_landscapes_and_eigenvalues_name_both_devices():
     shifted = {n: p.detach() + 1.0 for n, p in model.named_parameters()}
     expected = F.mse_loss(functional_call(model, shifted, (x,)), y)
     assert_close(losses[-1], expected)
+
+
+def test_the_ggn_matrix_functions_name_both_shapes_dtypes_and_devices():
+    model, x = mlp(1)
+    y = torch.randn(5, 1, dtype=DTYPE)
+    ggn_diag = torch_secorder.gauss_newton_matrix_approximation
+    for ggn in (ggn_diag, torch_secorder.gauss_newton_matrix):
+        with pytest.raises(ShapeError, match=r"targets of shape \(5,\).*output of shape \(5, 1\)"):
+            ggn(model, F.mse_loss, x, y[:, 0])
+        with pytest.raises(TypeError, match=r"inputs has dtype torch.float32.*torch.float64"):
+            ggn(model, F.mse_loss, x.float(), y)
+        with pytest.raises(ValueError, match=r"targets is on meta, but the parameters are on cpu"):
+            ggn(model, F.mse_loss, x, y.to("meta"))
+    # Targets that fit: the GGN diagonal of MSE is (2/N) sum_i J_i^T J_i, against the dense
+    # Jacobian of the output.
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    J = torch.func.jacrev(lambda p: functional_call(model, p, (x,)).reshape(-1))(params)
+    J = torch.cat([J[n].reshape(5, -1) for n in params], dim=1)
+    expected = (2.0 / 5) * (J**2).sum(0)
+    diag = ggn_diag(model, F.mse_loss, x, y)
+    assert_close(torch.cat([d.reshape(-1) for d in diag]), expected)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from torch_secorder._checks import check_chunk_size
+from torch_secorder.core._batch_checks import check_batch_device, inputs_fit, targets_fit
 from torch_secorder.core._fallback import is_functional_refusal
 from torch_secorder.core._graph_ggn import graph_ggn_diagonal
 from torch_secorder.core._inputs import check_loss, check_module
@@ -119,6 +120,7 @@ def _ggn_problem(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     named = list(model.named_parameters())
     params = [p for _, p in named]
+    check_batch_device(params, inputs=inputs, targets=targets)
     active = [(name, p) for name, p in named if p.requires_grad]
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     with preserved_state(params, model) as rewind:
@@ -140,10 +142,12 @@ def _ggn_problem(
         device = like.device if like is not None else torch.device("cpu")
         before = _rng_states(device)
         with torch.no_grad():
-            probe = out_fn({name: p for name, p in active})
+            with inputs_fit(params, inputs):  # a dtype unlike the parameters': both named
+                probe = out_fn({name: p for name, p in active})
             if not isinstance(probe, Tensor):
                 raise TypeError(f"model(inputs) must return a tensor, got {type(probe).__name__}")
-            check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
+            with targets_fit(loss_fn, probe, targets):  # both shapes named
+                check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
         after = _rng_states(device)
         yield _GGNProblem(
             names=[name for name, _ in active],
