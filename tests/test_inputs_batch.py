@@ -334,3 +334,22 @@ def test_the_ggn_matrix_functions_name_both_shapes_dtypes_and_devices():
     expected = (2.0 / 5) * (J**2).sum(0)
     diag = ggn_diag(model, F.mse_loss, x, y)
     assert_close(torch.cat([d.reshape(-1) for d in diag]), expected)
+
+
+def test_the_empirical_fisher_names_both_devices():
+    model, x = mlp(2)
+    y = torch.randn(5, 2, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"inputs is on meta, but the parameters are on cpu"):
+        torch_secorder.empirical_fisher_diagonal(model, nn.MSELoss(), x.to("meta"), y)
+    with pytest.raises(ValueError, match=r"targets is on meta, but the parameters are on cpu"):
+        torch_secorder.empirical_fisher_trace(model, nn.MSELoss(), x, y.to("meta"))
+    # On one device: the mean of the squared per-sample gradients (one backward each).
+    grads = []
+    for i in range(5):
+        model.zero_grad()
+        nn.MSELoss()(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+    expected = torch.stack(grads).pow(2).mean(0)
+    diag = torch_secorder.empirical_fisher_diagonal(model, nn.MSELoss(), x, y)
+    assert_close(torch.cat([d.reshape(-1) for d in diag]), expected)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from torch_secorder.core._batch_checks import check_batch_device
 from torch_secorder.core._fallback import has_recurrent_module, is_functional_refusal
 from torch_secorder.core._inputs import check_generator, check_module, check_num_samples
 from torch_secorder.core._purity import preserved_state
@@ -100,6 +101,7 @@ def empirical_sq_sum(
     if not named:
         raise ValueError("model has no parameters: nothing to differentiate")
     params = [p for _, p in named]
+    check_batch_device(params, inputs=inputs, targets=targets)
     active = [(name, p) for name, p in named if p.requires_grad]
     if not active:
         raise ValueError("no parameter of model requires grad: nothing to differentiate")
