@@ -253,6 +253,8 @@ def test_a_cpu_generator_for_parameters_elsewhere_is_refused_up_front():
         eigen.lanczos_eigsh(lambda V: V, 3, generator=gen, device="meta")
     with pytest.raises(ValueError, match=match):
         eigen.subspace_iteration(lambda V: V, 3, generator=gen, device="meta")
+    with pytest.raises(ValueError, match=match):
+        linalg.stochastic_lanczos_quadrature(lambda V: V, 3, generator=gen, device="meta")
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         linalg.hutchinson(lambda V: V, 3, 2, generator=0)
     # A generator on the right device: the same seed, the same estimate.

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from torch_secorder._checks import check_generator
 from torch_secorder.linalg.estimate import Estimate
 from torch_secorder.linalg.progress import progress_bar
 
@@ -398,6 +399,7 @@ def stochastic_lanczos_quadrature(
         >>> round(float(torch.trapezoid(res.density(grid), grid)), 6)
         1.0
     """
+    check_generator(generator, device)
     if not callable(matmat):
         raise TypeError(f"matmat must be callable, got {type(matmat).__name__}")
     dim = _check_positive_int(dim, "dim")
