@@ -29,6 +29,7 @@ from torch_secorder import (
     model_hessian_trace_estimate,
     model_hvp,
 )
+from torch_secorder.core import hvp as core_hvp
 from torch_secorder.linalg.probes import draw_probes
 
 SEED = 7
@@ -246,3 +247,39 @@ def test_two_calls_in_a_row_draw_two_masks_and_a_seed_reproduces_one():
     again = _flat(model_hessian_diagonal(model, LOSS, x, y, progress=False))
     assert not torch.allclose(first, second)
     assert torch.equal(first, again)
+
+
+def test_any_random_operator_is_replayed():
+    """Noise from ``torch.randn_like`` in the loss: every route sees the plain call's noise."""
+    torch.manual_seed(0)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 4, dtype=torch.float64)
+
+    def loss():
+        noisy = x + 0.3 * torch.randn_like(x)
+        return (torch.tanh(noisy @ w) ** 2).sum()
+
+    torch.manual_seed(SEED)
+    noise = 0.3 * torch.randn_like(x)
+    after = torch.get_rng_state()
+    H = torch.func.hessian(lambda v: (torch.tanh((x + noise) @ v) ** 2).sum())(w.detach())
+    v = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for strategy in ("vmap", "graph", "graph_batched"):
+        torch.manual_seed(SEED)
+        hv = core_hvp.exact_hvp(loss, [w], [v], strategy=strategy)
+        torch.testing.assert_close(hv, H @ v, **TOL)
+        assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_a_loss_whose_draws_change_between_evaluations_raises():
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def loss():
+        calls.append(1)
+        if len(calls) > 1:
+            torch.rand(2)  # a draw the plain first evaluation did not make
+        return (w**4).sum() * torch.rand(()).to(torch.float64)
+
+    with pytest.raises(RuntimeError, match="same random numbers"):
+        core_hvp.exact_hvp(loss, [w], [torch.ones(3, dtype=torch.float64)], strategy="vmap")

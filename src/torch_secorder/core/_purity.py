@@ -21,15 +21,20 @@ the work:
   (``Tensor(a!)`` arguments) of the call's name, plus ``__setitem__``,
   ``out=`` and ``inplace=True``.  A batch norm that normalises with batch
   statistics is computed without updating running statistics (the same numbers).
-* :class:`RandomDraws` makes every evaluation draw the same random numbers.  The
-  first evaluation of a call is a plain forward pass of the user's loss on the
-  global random number generator, exactly as ``loss_fn(model(x), y)`` would run
-  at that point (torch's own dropout kernels, in their own memory order); a
+* :class:`~torch_secorder.core._random_draws.RandomDraws` makes every evaluation
+  draw the same random numbers.  The first evaluation of a call is a plain
+  forward pass of the user's loss on the global random number generator, exactly
+  as ``loss_fn(model(x), y)`` would run at that point (torch's own dropout
+  kernels, in their own memory order); a
   :class:`~torch.utils._python_dispatch.TorchDispatchMode` records the result of
   every random operator (``bernoulli_``, ``native_dropout``, ``randn``, ...) in
   call order.  Every later evaluation of the call (vmapped, on the autograd graph,
   on a perturbed network) replays the recorded values by order, whatever the
   layout of its tensors, and draws nothing.
+* :class:`Evaluations` starts every evaluation afresh: the copies of the last one
+  are dropped, and the very buffer objects are put back into the modules
+  (``self.calls += 1`` rebinds the attribute to the result of the in-place add,
+  our copy).
 
 **The rule for the global RNG** (:func:`preserved_state`): a call advances the
 global random number generator exactly as one plain forward pass of the loss
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -54,6 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+
+from torch_secorder.core._random_draws import RandomDraws
 
 __all__ = [
     "SubstitutionMode",
@@ -351,95 +359,6 @@ class PreservingMode(TorchFunctionMode):
             self._wrapped_views[id(result)] = (weakref.ref(result), inner)
 
 
-# ---------------------------------------------------------------- random draws
-
-
-def _writes_first_argument(func: Any) -> bool:
-    arguments = func._schema.arguments
-    return (
-        bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
-    )
-
-
-def _fit(recorded: Tensor, shape: torch.Size, func: Any) -> Tensor:
-    if recorded.shape == shape:
-        return recorded
-    try:
-        return recorded.expand(shape)
-    except RuntimeError:
-        raise RuntimeError(
-            f"an evaluation of the loss drew random numbers of shape {tuple(shape)} with "
-            f"{func} where its first evaluation drew {tuple(recorded.shape)}: the loss does not "
-            "draw the same random numbers in every evaluation, so its curvature is undefined"
-        ) from None
-
-
-class RandomDraws(TorchDispatchMode):
-    """Record the random operators of one evaluation; replay them in later ones.
-
-    Recording (:meth:`recording`): every operator tagged
-    ``torch.Tag.nondeterministic_seeded`` runs as it is, and its result is kept, in
-    call order.  Replaying (:meth:`replaying`): the ``k``-th random operator returns
-    the ``k``-th recorded result (written into its output, broadcast over a vmapped
-    batch), and draws nothing.  ``native_dropout`` (the fused CUDA dropout) replays
-    its mask, and vmap's form of it (``bernoulli_`` of the mask) takes that mask.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[Any, Any]] = []
-        self._replay = False
-        self._cursor = 0
-
-    def recording(self) -> RandomDraws:
-        self._replay = False
-        return self
-
-    def replaying(self) -> RandomDraws:
-        self._replay = True
-        self._cursor = 0
-        return self
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded not in func.tags:
-            return func(*args, **kwargs)
-        if not self._replay:
-            out = func(*args, **kwargs)
-            if func.overloadpacket is torch.ops.aten.native_dropout:
-                self.records.append((func, out[1].clone()))
-            elif _writes_first_argument(func):
-                self.records.append((func, args[0].clone()))
-            else:
-                self.records.append((func, _map_tensors(out, lambda t: t.clone())))
-            return out
-        if self._cursor >= len(self.records):
-            raise RuntimeError(
-                f"an evaluation of the loss drew more random numbers ({func}) than its first "
-                "evaluation: the loss does not draw the same random numbers in every "
-                "evaluation, so its curvature is undefined"
-            )
-        recorded_func, recorded = self.records[self._cursor]
-        self._cursor += 1
-        if recorded_func.overloadpacket is torch.ops.aten.native_dropout:
-            # the fused dropout: replay its (boolean) mask
-            mask = recorded
-            if func.overloadpacket is torch.ops.aten.native_dropout:
-                input, p = args[0], args[1]
-                mask = _fit(mask, input.shape, func)
-                scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
-                return input * mask * scale, mask.clone()
-            recorded = mask
-        if _writes_first_argument(func):
-            target = args[0]
-            target.copy_(_fit(recorded, target.shape, func))
-            return target
-        if isinstance(recorded, Tensor):
-            shape = args[0].shape if args and isinstance(args[0], Tensor) else recorded.shape
-            return _fit(recorded, shape, func).clone()
-        return _map_tensors(recorded, lambda t: t.clone())
-
-
 # ---------------------------------------------------------------- module state
 
 
@@ -460,6 +379,7 @@ class _ModuleTensors:
         self._held: list[tuple[nn.Module, dict[str, Any], dict[str, Tensor]]] = []
         self._rebound: dict[tuple[int, str], tuple[nn.Module, str, Any]] = {}
         self._handle: Any = None
+        self._thread = threading.get_ident()
         if model is None:
             return
         for module in model.modules():
@@ -467,12 +387,15 @@ class _ModuleTensors:
             self._held.append((module, dict(module._buffers), attrs))
 
     def _on_buffer(self, module: nn.Module, name: str, value: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return  # (the hook is global: another thread's modules are not ours)
         key = (id(module), name)
         if key not in self._rebound:
             before = module._buffers[name] if name in module._buffers else _MISSING
             self._rebound[key] = (module, name, before)
 
     def watch(self) -> None:
+        self._thread = threading.get_ident()
         self._handle = nn.modules.module.register_module_buffer_registration_hook(self._on_buffer)
 
     def unwatch(self) -> None:
