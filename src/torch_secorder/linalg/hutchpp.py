@@ -24,7 +24,7 @@ standard deviation over :math:`\sqrt{g}`): the standard deviation of
 so ``estimate +- 1.96 * std_error`` is a Student-t interval with :math:`g-1`
 degrees of freedom read as a normal one: with few residual probes it covers the
 truth less often than 95% (81-88% of runs with :math:`g = 4`, 87-95% with
-:math:`g = 8` to :math:`28`, on test matrices with :math:`n` = 30 and 100).
+:math:`g = 8` to :math:`28`, on test matrices with :math:`n` = 30 to 300).
 Pass a smaller ``sketch_size`` for more residual probes when the error bar
 matters.
 

@@ -35,16 +35,16 @@ projector; the estimator stays unbiased and has lower variance.  With
 
 Error estimate.  The paper's :math:`\widehat{\sigma}_{\mathrm{LOO}}` treats the
 :math:`\widehat{t}_i` as independent; they are positively correlated (they share
-most of the sketch), and on test matrices (:math:`n` = 30 and 100, four
+most of the sketch), and on test matrices (:math:`n` = 30 to 300, four
 spectra, :math:`k` = 6 to 40, 200 seeds each) the interval
-:math:`\pm 1.96\,\widehat{\sigma}_{\mathrm{LOO}}` covered the truth in only 79-90%
+:math:`\pm 1.96\,\widehat{\sigma}_{\mathrm{LOO}}` covered the truth in only 77-90%
 of runs.  The default is therefore the jackknife,
 :math:`\widehat{\sigma}_{\mathrm{J}}^2 = \frac{k-1}{k}\sum_j
 (\widehat{t}^{(-j)} - \overline{t})^2` with :math:`\widehat{t}^{(-j)}` XTrace
 on the test vectors but :math:`\omega_j` (computed from the same products), whose
 expectation bounds the variance from above for any symmetric function of
 independent test vectors (Efron and Stein 1981, for the estimator on
-:math:`k-1` vectors); it covered the truth in 94-100% of the same runs, with an
+:math:`k-1` vectors); it covered the truth in 93-100% of the same runs, with an
 error bar 1.2-2.4 times the actual spread.  It costs no products: one QR
 factorisation of an :math:`n \times 4k` matrix and :math:`O(k^4)` arithmetic
 (2-4 times the arithmetic of the estimate itself).
