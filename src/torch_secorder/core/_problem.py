@@ -93,6 +93,10 @@ class LossProblem:
             evaluation replayed).
         names: Parameter names (module problems only).
         model: The module (module problems only).
+        plain: Closure problems: ``pure`` with the operators as the user called them
+            (no :func:`~torch_secorder.func._fixes.differentiable` reroutes), for
+            recording the loss's calls (the fast diagonal routes); the engine adds
+            the reroutes where it differentiates.
     """
 
     params: list[Tensor]
@@ -104,6 +108,7 @@ class LossProblem:
     rewind: Callable[[], None]
     names: list[str] | None = None
     model: nn.Module | None = None
+    plain: Callable[[tuple[Tensor, ...]], Tensor] | None = None
     _graph_grads: tuple[Tensor | None, ...] | None = field(default=None, repr=False)
     _checked_loss: Tensor | None = field(default=None, repr=False)
     _functional_refused: bool = field(default=False, repr=False)
@@ -557,10 +562,15 @@ def closure_problem(
             with SubstitutionMode(tensors, values):
                 return loss_closure()
 
+        def plain(values: tuple[Tensor, ...]) -> Tensor:
+            with SubstitutionMode(tensors, values):
+                return loss_closure.__wrapped__()
+
         primals = tuple(t if create_graph else t.detach() for t in tensors)
         problem = LossProblem(
             params, active, pure, primals, create_graph, loss_closure, evaluations
         )
+        problem.plain = plain
         problem._checked_loss = checked_loss
         _check_used(problem, strict)
         if (zero := _zero_reason(active, checked_loss, model, name)) is not None:

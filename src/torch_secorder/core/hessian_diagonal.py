@@ -9,8 +9,9 @@ engine's :func:`~torch_secorder.func.fast_hessian_diagonal` picks, per parameter
 the cheapest exact route: a closed-form backward pass for linear/activation
 chains, a few products per layer for parameters read by one affine layer
 (linear, convolution, embedding, normalisation affine) whose rows do not
-interact, and the chunked one-hot sweep for the rest.  Closures, and
-``create_graph=True``, always take the sweep
+interact, and the chunked one-hot sweep for the rest.  A closure takes the same
+routes (it is recorded as a pure function of its tensors).  ``create_graph=True``
+and losses that draw random numbers take the sweep
 (:func:`torch_secorder.func.hessian_diagonal`): one Hessian-vector product per
 parameter entry, vmapped ``chunk_size`` at a time.
 """
@@ -44,7 +45,14 @@ def _rng_states(device: torch.device) -> list[Tensor]:
 
 
 def _draws_random(problem: LossProblem) -> bool:
-    """Whether one evaluation of the loss consumes the global RNG (one forward pass)."""
+    """Whether one evaluation of the loss consumes the global RNG (one forward pass).
+
+    The problem's evaluations know it from the first (validating) evaluation; later
+    ones replay its draws and leave the RNG where it was, so they cannot tell.
+    """
+    known = getattr(problem.rewind, "draws_random", None)
+    if isinstance(known, bool):
+        return known
     problem.rewind()
     before = _rng_states(problem.device)
     with torch.no_grad():
@@ -60,19 +68,24 @@ def active_hessian_diagonal(
 ) -> list[Tensor]:
     """Exact diagonal blocks of the problem's active tensors.
 
-    Module problems (without ``create_graph``) whose loss draws no random numbers
-    go through :func:`~torch_secorder.func.fast_hessian_diagonal`; the rest through
-    the sweep.  A loss that draws random numbers (dropout in training mode) goes
-    to the sweep: the fast routes evaluate perturbed copies of the network whose
-    random draws need not line up with the single fixed mask of the sweep.
+    Module and closure problems alike (without ``create_graph``) whose loss draws
+    no random numbers go through :func:`~torch_secorder.func.fast_hessian_diagonal`:
+    a closure is a pure function of its tensors (``problem.plain``, the closure
+    under :class:`~torch_secorder.core._purity.SubstitutionMode`), recorded and
+    routed like a model.  The rest go through the sweep.  A loss that draws
+    random numbers (dropout in training mode) goes to the sweep: the fast routes
+    evaluate perturbed copies of the network whose random draws need not line up
+    with the single fixed mask of the sweep.
     """
     if not problem.active:
         return []
     problem.release_checked_loss()
-    if problem.model is not None and not problem.create_graph and not _draws_random(problem):
-        return list(
-            _fast.fast_hessian_diagonal(problem.pure, problem.primals, chunk_size, progress)
-        )
+    f = problem.pure if problem.model is not None else problem.plain
+    if f is not None and not problem.create_graph and not _draws_random(problem):
+        # No graph asked for: inputs that require grad need not make the routes
+        # differentiable (the engine takes the sweep when autograd would track).
+        with torch.no_grad():
+            return list(_fast.fast_hessian_diagonal(f, problem.primals, chunk_size, progress))
     return list(_engine.hessian_diagonal(problem.pure, problem.primals, chunk_size, progress))
 
 
@@ -105,8 +118,11 @@ def hessian_diagonal(
     Returns:
         One tensor per parameter, shaped like it.
 
-    Differences from 0.0.1: the same numbers, from a vmapped sweep instead of one
-    backward pass per entry; a single tensor ``params`` is accepted.
+    Differences from 0.0.1: the same numbers, without one backward pass per
+    entry: the closure is recorded once and each tensor takes the cheapest exact
+    route of :func:`~torch_secorder.func.fast_hessian_diagonal` (closed form for
+    linear/activation chains, a few products per affine layer, else a vmapped
+    sweep); a single tensor ``params`` is accepted.
 
     Example:
         >>> import torch

@@ -3,8 +3,11 @@ r"""The chain route: closed-form backpropagation of the exact per-sample Hessian
 Applies when the recorded loss is a chain of ``F.linear`` calls on ``(N, D)``
 activations, zero-padded ungrouped ``F.conv1d``/``F.conv2d`` calls (any stride
 and dilation; per sample a matrix :math:`A` whose entries are single weights or
-zeros), elementwise activations (``tanh``, ``sigmoid``, ``relu``, ``leaky_relu``,
-``elu``, ``softplus``, ``silu``, ``gelu``; a ``flatten`` ``(N, ...) -> (N, D)``
+zeros), elementwise activations (``tanh``, ``sigmoid``, ``silu``, ``gelu``,
+``elu``, ``celu``, ``selu``, ``softplus``, ``mish``, ``hardswish``, ``logsigmoid``,
+``softsign``, ``tanhshrink`` and the piecewise-linear ``relu``, ``relu6``,
+``leaky_relu``, ``hardtanh``, ``hardsigmoid``, ``hardshrink``, ``softshrink``,
+``threshold``; a ``flatten`` ``(N, ...) -> (N, D)``
 and eval ``dropout`` pass through), ending in ``F.mse_loss`` or
 ``F.cross_entropy`` (``"mean"`` or ``"sum"``) on ``(N, C)``, each intermediate
 result used exactly once by the next call, and every parameter read by one such
@@ -33,8 +36,9 @@ crossing a convolution applies its input backward to the columns, and the
 :math:`(A \odot A)^\top r` of a third-kind term is the same backward with the
 weights squared.  Where the columns would exceed :data:`_LIMIT` entries the
 route declines (the layer route or the sweep takes over).  The first and second
-derivatives of the activations come from forward-mode AD of the very call
-recorded, so they match autograd's.
+derivatives of the activations come from autograd's double backward of the very
+call recorded (zero second derivatives for piecewise-linear ones), so they match
+the other routes'.
 """
 
 from __future__ import annotations
@@ -45,12 +49,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import jvp
 
 from torch_secorder.func._tape import Call
 
 __all__ = ["chain_diagonal"]
 
+#: Elementwise activations the chain passes through (their calls as recorded).
 _ELEMENTWISE = {
     torch.tanh,
     Tensor.tanh,
@@ -58,15 +62,35 @@ _ELEMENTWISE = {
     torch.sigmoid,
     Tensor.sigmoid,
     F.sigmoid,
+    F.silu,
+    F.gelu,
+    F.elu,
+    F.celu,
+    torch.celu,
+    F.selu,
+    torch.selu,
+    F.softplus,
+    F.mish,
+    F.hardswish,
+    F.logsigmoid,
+    F.softsign,
+    F.tanhshrink,
+}
+#: Piecewise-linear activations: second derivative zero wherever it exists (torch
+#: has no double backward for some of them, e.g. ``hardsigmoid``).
+_PIECEWISE_LINEAR = {
     F.relu,
     torch.relu,
     Tensor.relu,
+    F.relu6,
     F.leaky_relu,
-    F.elu,
-    F.softplus,
-    F.silu,
-    F.gelu,
+    F.hardtanh,
+    F.hardsigmoid,
+    F.hardshrink,
+    F.softshrink,
+    F.threshold,
 }
+_ELEMENTWISE |= _PIECEWISE_LINEAR
 _PASS = {torch.flatten, Tensor.flatten, F.dropout}
 _LOSSES = {F.mse_loss, F.cross_entropy}
 _CONVS = {F.conv1d: 1, F.conv2d: 2}
@@ -182,8 +206,12 @@ class _Conv:
 
 @dataclass
 class _Act:
+    """An elementwise activation ``a = sigma(z)`` and, once computed, its derivatives."""
+
     call: Call
     z: Tensor
+    d1: Tensor | None = None
+    d2: Tensor | None = None
 
 
 def _is_external(t: Tensor, produced: set[int], leaf_ids: dict[int, int]) -> bool:
@@ -396,19 +424,40 @@ def _loss_terms(call: Call, out: Tensor):
     return grad, diag, [(cols, sign)]
 
 
-def _derivatives(call: Call, z: Tensor) -> tuple[Tensor, Tensor]:
+def _derivatives(call: Call, z: Tensor) -> tuple[Tensor, Tensor] | None:
+    r""":math:`\sigma'(z)` and :math:`\sigma''(z)` of the recorded activation call, or ``None``.
+
+    Reverse over reverse with autograd on a detached copy of ``z`` (grad mode on):
+    for an elementwise :math:`\sigma`, the gradient of :math:`\sum\sigma(z)` is
+    :math:`\sigma'(z)` and the gradient of :math:`\sum\sigma'(z)` is
+    :math:`\sigma''(z)`, the derivatives autograd's own double backward gives.
+    (Nested forward mode under ``no_grad`` lacks rules, e.g. ``silu_backward``.)
+    Piecewise-linear activations get :math:`\sigma'' = 0`.  ``None`` when torch
+    has no derivative for the call: the chain route then declines.
+    """
     rest, kwargs = call.args[1:], call.kwargs
-
-    def act(t: Tensor) -> Tensor:
-        return call.func(t, *rest, **kwargs)
-
-    ones = torch.ones_like(z)
-
-    def first(t: Tensor) -> Tensor:
-        return jvp(act, (t,), (ones,))[1]
-
-    d1, d2 = jvp(first, (z,), (ones,))
-    return d1, d2
+    if call.func is F.hardsigmoid:
+        # torch's backward multiplies by 1/6 rounded to float32 (5e-9 off in float64)
+        inside = (z > -3.0) & (z < 3.0)
+        return inside.to(z.dtype) / 6.0, torch.zeros_like(z)
+    try:
+        with torch.enable_grad():
+            t = z.detach().requires_grad_(True)
+            a = call.func(t, *rest, **kwargs)
+            if not a.requires_grad:
+                return None
+            (d1,) = torch.autograd.grad(
+                a, t, torch.ones_like(a), create_graph=call.func not in _PIECEWISE_LINEAR
+            )
+            if call.func in _PIECEWISE_LINEAR or not d1.requires_grad:
+                d2 = torch.zeros_like(z)
+            else:
+                (d2,) = torch.autograd.grad(d1, t, torch.ones_like(d1), allow_unused=True)
+                if d2 is None:
+                    d2 = torch.zeros_like(z)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return d1.detach(), d2.detach()
 
 
 def chain_diagonal(
@@ -437,6 +486,12 @@ def chain_diagonal(
     n = loss_call.args[0].shape[0]
     if _too_big(steps, first, n, sum(c.shape[1] for c, _ in terms[2])):
         return None
+    for step in steps:
+        if isinstance(step, _Act):
+            derivatives = _derivatives(step.call, step.z)
+            if derivatives is None:
+                return None
+            step.d1, step.d2 = derivatives
     if not compute:
         return dict.fromkeys(covered)
     with torch.no_grad():
@@ -484,8 +539,7 @@ def _backward(steps, terms, residuals: bool) -> dict[int, Tensor]:  # noqa: C901
     for k in range(len(steps) - 1, first - 1, -1):
         step = steps[k]
         if isinstance(step, _Act):
-            d1, d2 = _derivatives(step.call, step.z)
-            d1, d2 = d1.reshape(n, -1), d2.reshape(n, -1)
+            d1, d2 = step.d1.reshape(n, -1), step.d2.reshape(n, -1)
             cols = [(d1[:, None, :] * s, sign) for s, sign in cols]
             lazy = [(a, r, d1 if d is None else d * d1) for a, r, d in lazy]
             diag = None if diag is None else diag * d1 * d1

@@ -25,9 +25,11 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["Call", "TapeMode", "PerturbMode", "iter_tensors", "record"]
 
-#: Calls that only read metadata; they never carry a derivative.
+#: Calls that only read metadata; they never carry a derivative.  (A property read,
+#: ``__get__``, is metadata only when it returns no tensor: ``.shape`` and ``.dtype``
+#: are, ``.T``, ``.mT``, ``.H`` and ``.real`` are uses of the tensor, see
+#: :func:`is_metadata`.)
 _METADATA = {
-    "__get__",
     "size",
     "dim",
     "numel",
@@ -47,6 +49,19 @@ _METADATA = {
     "__bool__",
     "__hash__",
 }
+
+
+def is_metadata(func: Callable, out: Any) -> bool:
+    """Whether a call only read metadata (its result carries no derivative).
+
+    Property reads (``__get__``) count as metadata unless they return a tensor:
+    ``weight.T`` is a use of ``weight`` like ``weight.t()`` (a tied weight read
+    once directly and once through ``.T`` is read twice).
+    """
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return next(iter_tensors(out), None) is None
+    return name in _METADATA
 
 
 def iter_tensors(obj: Any) -> Iterator[Tensor]:
@@ -79,7 +94,7 @@ class Call:
 
 
 class TapeMode(TorchFunctionMode):
-    """Record top-level torch calls (metadata reads excepted) in :attr:`calls`."""
+    """Record top-level torch calls in :attr:`calls` (not metadata reads: :func:`is_metadata`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,7 +103,7 @@ class TapeMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if getattr(func, "__name__", "") not in _METADATA:
+        if not is_metadata(func, out):
             self.calls.append(Call(func, tuple(args), dict(kwargs), out))
         return out
 

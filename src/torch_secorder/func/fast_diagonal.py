@@ -39,9 +39,12 @@ unit in every row at once (``"rows"``).  Only samples independent: one product
 per unit and position (``"blocks"``).  A route is taken only where it needs
 fewer products than the sweep of that layer's parameters.
 
-**Sweep** (``"sweep"``): parameters read twice (tied weights), by other
-operators, layers whose rows are coupled (batch norm in training mode upstream of
-it), anything not recognised.  When in doubt, the slow exact answer.
+**Sweep** (``"sweep"``): parameters read twice (tied weights, also through a
+property such as ``.T``), by other operators, layers whose rows are coupled
+(batch norm in training mode upstream of it), anything not recognised.  When in
+doubt, the slow exact answer.  Also every parameter when the caller
+differentiates the diagonal (a ``torch.func`` transform, or autograd through a
+tensor that requires grad): the other routes compute without autograd.
 
 Memory: at most ``chunk_size`` perturbations are in flight at once (default:
 about ``2**24`` tangent entries).
@@ -362,14 +365,49 @@ def _site_blocks(product, site: Site, chunk_size: int | None) -> dict[str, Tenso
 # -- driver -------------------------------------------------------------------------------
 
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _under_transform() -> bool:
+    """Whether we run inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _tracked(calls: list[Call], leaves: list[Tensor]) -> bool:
+    """Whether autograd would track the loss: grad mode is on and a tensor it reads
+    (a parameter, or a captured tensor such as a loss scale or the inputs) requires
+    grad or is a ``torch.func`` wrapper."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [*leaves, *(t for call in calls for t in call.tensor_inputs())]
+    return any(t.requires_grad or _is_wrapped(t) for t in tensors)
+
+
+def _sweep_all(problem: _Problem, chunk_size, progress, plan_only):
+    """Every leaf by its own one-hot sweep: differentiable (the sweep is ``jvp``, ``grad``
+    and ``vmap`` of the loss), for a caller that differentiates the diagonal."""
+    routes = dict.fromkeys(range(len(problem.leaves)), "sweep")
+    if plan_only:
+        return {}, routes
+    diag = {i: problem.leaf_sweep(i, chunk_size, progress) for i in routes}
+    return diag, routes
+
+
 def _run(problem: _Problem, chunk_size, progress, plan_only=False):
     leaves = problem.leaves
     routes: dict[int, str] = {}
     diag: dict[int, Tensor] = {}
     if not leaves:
         return diag, routes
+    # The chain and layer routes compute without autograd (``no_grad``, exact zero
+    # tests, closed forms): a caller differentiating the diagonal (a ``torch.func``
+    # transform, or autograd through tensors that require grad) gets the sweep.
+    if _under_transform():
+        return _sweep_all(problem, chunk_size, progress, plan_only)
     with torch.no_grad():
         calls, value = record(problem.f, problem.params)
+    if _tracked(calls, leaves):
+        return _sweep_all(problem, chunk_size, progress, plan_only)
     sites: list[Site] = []
     chained = chain_diagonal(
         calls, value, leaves, residuals=problem.kind == "hessian", compute=not plan_only
@@ -459,6 +497,12 @@ def fast_hessian_diagonal(
     autograd to find the routes, so it must be a deterministic function of
     ``params`` (draw dropout masks from a fixed seed).
 
+    Differentiable like the sweep: inside a ``torch.func`` transform (``grad``,
+    ``vmap``, ...), or with grad mode on and a tensor that ``f`` reads (a
+    parameter, a captured input or loss scale) requiring grad, every parameter
+    takes the sweep, whose result carries the derivatives.  Call it under
+    :func:`torch.no_grad` (or detach) to get the fast routes there.
+
     Args:
         f: Pure function of ``params`` returning a scalar tensor (e.g. a
             ``functional_call`` of a model followed by a loss).
@@ -506,7 +550,8 @@ def ggn_diagonal(
     targets sampled from the model this is also the exact diagonal of the
     Fisher.  Routes as in :func:`fast_hessian_diagonal` (the chain route drops
     the activations' second derivatives; the layer route uses GGN-vector
-    products :math:`J^\top H_{\text{out}} J v`; the sweep one per entry).
+    products :math:`J^\top H_{\text{out}} J v`; the sweep one per entry), and
+    differentiable in the same way (the sweep under a transform or autograd).
 
     Args:
         model_fn: Pure function of ``params`` returning the output ``o``.
