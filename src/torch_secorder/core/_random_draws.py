@@ -45,6 +45,29 @@ def _fit(recorded: Tensor, shape: torch.Size, func: Any) -> Tensor:
         ) from None
 
 
+#: Operators that draw from the same distribution, as vmap rewrites one into another
+#: (an in-place draw into a batched tensor becomes a draw of the logical shape, the
+#: fused CUDA dropout a ``bernoulli_`` of its mask).
+_FAMILIES = {
+    "bernoulli": "bernoulli",
+    "native_dropout": "bernoulli",
+    "normal": "normal",
+    "randn": "normal",
+    "randn_like": "normal",
+    "uniform": "uniform",
+    "rand": "uniform",
+    "rand_like": "uniform",
+    "random": "random",
+    "randint": "random",
+    "randint_like": "random",
+}
+
+
+def _family(func: Any) -> str:
+    name = func.overloadpacket.__name__.rstrip("_")
+    return _FAMILIES.get(name, name)
+
+
 class RandomDraws(TorchDispatchMode):
     """Record the random operators of one evaluation; replay them in later ones.
 
@@ -53,7 +76,11 @@ class RandomDraws(TorchDispatchMode):
     call order.  Replaying (:meth:`replaying`): the ``k``-th random operator returns
     the ``k``-th recorded result (written into its output, broadcast over a vmapped
     batch), and draws nothing.  ``native_dropout`` (the fused CUDA dropout) replays
-    its mask, and vmap's form of it (``bernoulli_`` of the mask) takes that mask.
+    its mask, and vmap's form of it (``bernoulli_`` of the mask) takes that mask.  A
+    draw of another kind, or of a shape that does not fit, raises: the loss does not
+    draw the same random numbers in every evaluation.  (An operator whose values
+    depend on tensor arguments, ``torch.normal(mean, std)`` with tensors, replays
+    the values of the first evaluation.)
     """
 
     def __init__(self) -> None:
@@ -92,6 +119,12 @@ class RandomDraws(TorchDispatchMode):
             )
         recorded_func, recorded = self.records[self._cursor]
         self._cursor += 1
+        if _family(recorded_func) != _family(func):
+            raise RuntimeError(
+                f"an evaluation of the loss drew random numbers with {func} where its first "
+                f"evaluation drew with {recorded_func}: the loss does not draw the same random "
+                "numbers in every evaluation, so its curvature is undefined"
+            )
         if recorded_func.overloadpacket is torch.ops.aten.native_dropout:
             # the fused dropout: replay its (boolean) mask
             mask = recorded
