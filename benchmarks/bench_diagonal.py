@@ -1,25 +1,32 @@
-"""Exact Hessian diagonal: ours against BackPACK DiagHessian, torch-secorder 0.0.1, the sweep.
+"""Exact Hessian diagonal: ours (model and closure form) against BackPACK, 0.0.1, the sweep.
 
 Side by side in one process, same data, same dtype; every timing is a median
-(:func:`benchmarks._timing.time_call`) and every peer's numbers are checked
-against ours (max abs difference printed).  Ratios are peer / ours (above 1:
-ours is faster).
+(:func:`benchmarks._timing.time_call`; ours in the model and in the closure form
+interleaved call by call, so that load on a shared machine hits both alike) and
+every other result is checked against ours (max abs difference printed).  Ratios
+in the table are peer / ours, ours being the model form
+``model_hessian_diagonal(model, loss_fn, x, y)`` (above 1: ours is faster).
+Below the table, the closure form ``hessian_diagonal(lambda: loss_fn(model(x), y),
+params)``, the documented 0.0.1 API, against the model form and the peers.
 
     python benchmarks/bench_diagonal.py            # all cases
     python benchmarks/bench_diagonal.py --quick    # fewer repeats
 
-Cases:
+Cases (float64, tanh MLPs with cross-entropy unless said):
 
-* ``mlp_30_30_10`` (n = 1,240, batch 64): ours vs 0.0.1 ``hessian_diagonal``.
-* ``mlp_784_256_256_10`` (batch 256): ours vs BackPACK 1.7.1 ``DiagHessian``.
-* a small tanh CNN and a small transformer block: ours vs the generic sweep
+* ``mlp_30_30_10`` (n = 1,240, batch 64): vs 0.0.1 ``hessian_diagonal``.
+* ``mlp_100_100_10`` (n = 11,110, batch 64): vs BackPACK 1.7.1 ``DiagHessian``.
+* ``mlp_784_256_256_10`` (MSE, batch 256): vs BackPACK.
+* a small tanh CNN and a small transformer block: vs the generic sweep
   (:func:`torch_secorder.func.hessian_diagonal`) and, for the CNN, BackPACK.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -28,13 +35,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._models import (  # noqa: E402
-    mlp_30_30_10,
+    mlp,
     mlp_784_256_256_10,
     tanh_cnn,
-    tiny_transformer_block,  # noqa: E402
+    tiny_transformer_block,
 )
 from benchmarks._peers import load_backpack, load_secorder_001  # noqa: E402
-from benchmarks._timing import print_table, time_call  # noqa: E402
+from benchmarks._timing import busy_warning, print_table, sync, time_call  # noqa: E402
+from torch_secorder.core import hessian_diagonal as closure_hessian_diagonal  # noqa: E402
 from torch_secorder.core import model_hessian_diagonal  # noqa: E402
 from torch_secorder.core._problem import module_problem  # noqa: E402
 from torch_secorder.func import diagonal_plan, hessian_diagonal  # noqa: E402
@@ -43,6 +51,28 @@ from torch_secorder.func import diagonal_plan, hessian_diagonal  # noqa: E402
 def ours(problem):
     model, loss_fn, x, y = problem
     return lambda: model_hessian_diagonal(model, loss_fn, x, y, progress=False)
+
+
+def closure_form(problem):
+    model, loss_fn, x, y = problem
+    params = list(model.parameters())
+    return lambda: closure_hessian_diagonal(lambda: loss_fn(model(x), y), params, progress=False)
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each function, the calls alternating (one of each per round)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def sweep(problem):
@@ -99,19 +129,20 @@ def plan(problem) -> str:
     return ",".join(sorted(set(routes)))
 
 
-def main() -> None:
+def main() -> None:  # noqa: C901 - one loop over the cases and their peers
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    reps = 3 if args.quick else 7
+    reps = 3 if args.quick else 9
     dt = torch.float64
-    rows, notes = [], []
+    rows, notes, closure_notes = [], [], []
 
     cases = [
-        ("mlp_30_30_10 (b64)", mlp_30_30_10(dtype=dt, batch=64), ["0.0.1"]),
+        ("mlp_30_30_10 ce (b64)", mlp((30, 30, 10), 64, "ce", dt), ["0.0.1"]),
+        ("mlp_100_100_10 ce (b64)", mlp((100, 100, 10), 64, "ce", dt), ["backpack"]),
         ("mlp_784_256_256_10 (b256)", mlp_784_256_256_10(dtype=dt, batch=256), ["backpack"]),
         (
             "tanh_cnn c4 8x8 (b16)",
@@ -125,10 +156,12 @@ def main() -> None:
         ),
     ]
     for name, problem, peers in cases:
-        mine = ours(problem)
+        mine, closure = ours(problem), closure_form(problem)
         reference = mine()
-        row = {"case": name, "ours": time_call(mine, repeats=reps, warmup=1)}
+        timed = interleaved({"ours": mine, "closure": closure}, reps)
+        row = {"case": name, "ours": timed["ours"], "closure": timed["closure"]}
         notes.append(f"{name}: n = {problem.n_params:,}, routes: {plan(problem)}")
+        notes.append(f"{name}: max |ours - closure| = {max_diff(reference, closure()):.1e}")
         for peer in peers:
             if peer == "sweep":
                 fn, why = sweep(problem), None
@@ -147,9 +180,20 @@ def main() -> None:
             )
             notes.append(f"{name}: max |ours - {peer}| = {max_diff(reference, fn()):.1e}")
         rows.append(row)
+        line = f"{name}: closure / model = {row['closure'] / row['ours']:.2f}"
+        for peer in peers:
+            if isinstance(row.get(peer), float):
+                line += f", {peer} / closure = {row[peer] / row['closure']:.2f}"
+        closure_notes.append(line)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, CPU")
+    warning = busy_warning()
+    if warning:
+        print(warning)
     print_table(rows)
     for n in notes:
+        print(" ", n)
+    print("closure form (hessian_diagonal(closure, params)) against the model form and the peers:")
+    for n in closure_notes:
         print(" ", n)
 
 
