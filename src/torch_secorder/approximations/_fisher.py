@@ -91,8 +91,13 @@ def empirical_sq_sum(
     inputs: Any,
     targets: Tensor,
     chunk_size: int | None = None,
+    on_chunk: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> tuple[list[Tensor], int]:
-    """``(sum_i g_i**2 per parameter, N)``; zeros for parameters without grad."""
+    """``(sum_i g_i**2 per parameter, N)``; zeros for parameters without grad.
+
+    ``on_chunk``, if given, receives each chunk's per-sample gradients (a dict from
+    parameter name to a ``(samples, *shape)`` tensor, parameters requiring grad).
+    """
     check_module(model)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -150,6 +155,8 @@ def empirical_sq_sum(
                     loop = True
             if grads is None:
                 grads = looped(start, stop)
+            if on_chunk is not None:
+                on_chunk(grads)
             for name in sums:
                 sums[name] = sums[name] + (grads[name] ** 2).sum(0)
     return [sums[name] if name in sums else torch.zeros_like(p) for name, p in named], n

@@ -45,7 +45,14 @@ from torch_secorder.func.hvp import default_chunk_size
 from torch_secorder.linalg.progress import progress_bar
 from torch_secorder.linalg.trace import TraceEstimate, chunk_ranges, hutchinson
 
-__all__ = ["LossProblem", "closure_problem", "module_problem", "with_graph_fallback", "STRATEGIES"]
+__all__ = [
+    "LossProblem",
+    "closure_problem",
+    "module_problem",
+    "narrow_to",
+    "with_graph_fallback",
+    "STRATEGIES",
+]
 
 T = TypeVar("T")
 
@@ -581,6 +588,20 @@ def closure_problem(
         yield problem
 
 
+def narrow_to(problem: LossProblem, names: Sequence[str], only: Sequence[str] | None) -> None:
+    """Differentiate only the active tensors named in ``only`` (``None``: all of them).
+
+    Called before the problem's pure function is built from ``problem.active``; the
+    tensors left out are read as constants (the user's own tensors).
+    """
+    if only is None:
+        return
+    keep = set(only)
+    kept = [(i, t) for i, t in zip(problem.active, problem.primals) if names[i] in keep]
+    problem.active = [i for i, _ in kept]
+    problem.primals = tuple(t for _, t in kept)
+
+
 @contextlib.contextmanager
 def module_problem(
     model: nn.Module,
@@ -590,12 +611,15 @@ def module_problem(
     *,
     strict: bool = False,
     create_graph: bool = False,
+    only: Sequence[str] | None = None,
 ) -> Iterator[LossProblem]:
     """Build a :class:`LossProblem` for ``loss_fn(model(inputs), targets)``.
 
     The parameters are ``model.parameters()`` (a shared one once); the pure
     function runs the model through :func:`torch.func.functional_call`.  A tuple
-    ``inputs`` is unpacked into positional arguments of ``model``.
+    ``inputs`` is unpacked into positional arguments of ``model``.  ``only``
+    (parameter names) restricts the differentiated tensors to those names (the
+    others are constants: see :func:`narrow_to`).
     """
     check_module(model)
     if not callable(loss_fn):
@@ -622,6 +646,7 @@ def module_problem(
         model=model,
         name="loss_fn(model(inputs), targets)",
     ) as problem:
+        narrow_to(problem, names, only)
         active_names = [names[i] for i in problem.active]
 
         def pure(values: tuple[Tensor, ...]) -> Tensor:

@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from torch_secorder.core._batch_checks import check_batch_device, inputs_fit
 from torch_secorder.core._inputs import as_vector_list, check_chunk_size, check_module
-from torch_secorder.core._problem import LossProblem, closure_problem
+from torch_secorder.core._problem import LossProblem, closure_problem, narrow_to
 from torch_secorder.errors import ShapeError
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
@@ -80,7 +80,7 @@ def output_problem(
 
 @contextlib.contextmanager
 def model_output_problem(
-    model: nn.Module, inputs: Any, create_graph: bool
+    model: nn.Module, inputs: Any, create_graph: bool, only: Sequence[str] | None = None
 ) -> Iterator[LossProblem]:
     """``model(inputs)`` as a pure function of the model's (active) parameters.
 
@@ -109,6 +109,7 @@ def model_output_problem(
         name="model(x)",
         scalar=False,
     ) as problem:
+        narrow_to(problem, names, only)  # the differentiated subset (operators' blocks)
         active_names = [names[i] for i in problem.active]
 
         # Every torch.func route (jvp, vjp, vmap, jacrev, the GGN's products) runs the

@@ -1,0 +1,277 @@
+r"""The four curvature operators: Hessian, GGN, empirical Fisher, Fisher.
+
+For the loss over the data set :math:`L(\theta) = \sum_b w_b L_b(\theta)` (batch
+weights :math:`w_b = N_b/N` for ``reduction="mean"``, 1 for ``"sum"``), with
+:math:`z_b = f(x_b; \theta)` the model's output on batch :math:`b`,
+:math:`J_b = \partial z_b / \partial \theta` and per-sample gradients :math:`g_i`:
+
+* :class:`HessianOperator`: :math:`H = \sum_b w_b \nabla^2_\theta L_b`;
+* :class:`GGNOperator`: :math:`G = \sum_b w_b J_b^\top \nabla^2_{z} L_b\, J_b`;
+* :class:`EmpiricalFisherOperator`: :math:`F_{\mathrm{emp}} = \frac1N \sum_i g_i g_i^\top`
+  (``"mean"``; :math:`\sum_i g_i g_i^\top` for ``"sum"``), :math:`g_i` the gradient of
+  ``loss_fn`` on sample :math:`i` alone (a batch of one);
+* :class:`FisherOperator`: the type-2 Fisher of the likelihood that ``loss_fn`` is the
+  negative log of (cross-entropy: categorical; MSE: Gaussian), which equals the GGN of
+  that loss (see :mod:`torch_secorder.approximations.fisher_diagonal`).
+
+Each batch goes through the engine (:func:`~torch_secorder.core._problem.module_problem`
+and its products, :func:`~torch_secorder.core.hvp.problem_ggn_product`, the functions
+of :mod:`torch_secorder.approximations._fisher`), so the user's state is kept, the
+operator reroutes and the graph fallback apply, and a batch's forward pass is shared
+by all the vectors of a chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torch_secorder.approximations._fisher import empirical_sq_sum
+from torch_secorder.approximations.gauss_newton import gauss_newton_matrix_approximation
+from torch_secorder.core._batch_checks import check_batch_device
+from torch_secorder.core._problem import module_problem
+from torch_secorder.core.gvp import model_output_problem
+from torch_secorder.core.hessian_diagonal import active_hessian_diagonal
+from torch_secorder.core.hvp import problem_ggn_product
+from torch_secorder.func._tree import tree_ravel, tree_unravel
+from torch_secorder.linalg.trace import chunk_ranges
+from torch_secorder.operators.base import CurvatureOperator
+
+__all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator", "HessianOperator"]
+
+
+def _flat(values: dict[str, Tensor] | list[Tensor], names: list[str], all_names: list[str]):
+    by_name = values if isinstance(values, dict) else dict(zip(all_names, values, strict=True))
+    return torch.cat([by_name[name].reshape(-1) for name in names])
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The Hessian of the loss over a data set, :math:`H = \sum_b w_b \nabla^2 L_b`.
+
+    Products: per batch, the engine's batched Hessian-vector products
+    (:meth:`~torch_secorder.core._problem.LossProblem.matmat`, by ``strategy``).
+    Diagonal: per batch, the exact fast routes
+    (:func:`~torch_secorder.core.hessian_diagonal.active_hessian_diagonal`).
+
+    Args:
+        strategy: How a batch's products are batched (see
+            :data:`torch_secorder.core._problem.STRATEGIES`).
+        **kwargs: See :class:`~torch_secorder.operators.base.CurvatureOperator`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.zeros(3, 1, dtype=torch.float64)
+        >>> data = [(x[:2], y[:2]), (x[2:], y[2:])]  # batches of 2 and 1 samples
+        >>> H = HessianOperator(model, torch.nn.MSELoss(), data)
+        >>> H.shape, H.num_samples
+        ((2, 2), 3)
+        >>> H @ torch.eye(2, dtype=torch.float64)  # (2/3) x^T x over all 3 samples
+        tensor([[1.3333, 0.6667],
+                [0.6667, 1.3333]], dtype=torch.float64)
+        >>> H.trace()
+        tensor(2.6667, dtype=torch.float64)
+    """
+
+    label = "Hessian"
+
+    def __init__(self, *args: Any, strategy: str = "auto", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.strategy = strategy
+
+    def _problem(self, inputs: Any, targets: Tensor):
+        return module_problem(self.model, self.loss_fn, inputs, targets, only=self.names)
+
+    def _batch_matmat(self, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+        with self._problem(inputs, targets) as problem:
+            if not problem.active:
+                return torch.zeros_like(V)
+            return problem.matmat(self.strategy, self.chunk_size)(V)
+
+    def _batch_diagonal(self, inputs: Any, targets: Tensor) -> Tensor:
+        with self._problem(inputs, targets) as problem:
+            diag = active_hessian_diagonal(problem, self.chunk_size, False)
+            if not problem.active:
+                return torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+            return tree_ravel(list(diag))
+
+
+class GGNOperator(CurvatureOperator):
+    r"""The generalised Gauss-Newton matrix :math:`G = \sum_b w_b J_b^\top \nabla_z^2 L_b J_b`.
+
+    Products: per batch, :func:`~torch_secorder.core.hvp.problem_ggn_product`
+    vmapped over a chunk of vectors (one vectorised forward pass per chunk), or on
+    the autograd graph where ``torch.func`` refuses the model.  Diagonal: per batch,
+    :func:`~torch_secorder.approximations.gauss_newton_matrix_approximation` (the
+    exact fast routes of :func:`torch_secorder.func.ggn_diagonal`).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.zeros(3, 1, dtype=torch.float64)
+        >>> data = [(x[:2], y[:2]), (x[2:], y[2:])]
+        >>> G = GGNOperator(model, torch.nn.MSELoss(reduction="sum"), data)
+        >>> G.diagonal()
+        tensor([4., 4.], dtype=torch.float64)
+    """
+
+    label = "GGN"
+
+    def _batch_matmat(self, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+        loss_fn = self.loss_fn
+        with model_output_problem(self.model, inputs, False, only=self.names) as problem:
+            check_batch_device(problem.params, targets=targets)
+            if not problem.active:
+                return torch.zeros_like(V)
+            like = [problem.params[i] for i in problem.active]
+            zeros = [torch.zeros_like(p) for p in problem.params]
+
+            def as_list(row: Tensor) -> list[Tensor]:
+                v = list(zeros)
+                for i, piece in zip(problem.active, tree_unravel(row, like), strict=True):
+                    v[i] = piece
+                return v
+
+            def active_part(result: list[Tensor]) -> Tensor:
+                return tree_ravel([result[i] for i in problem.active])
+
+            route = problem_ggn_product.__wrapped__  # the functional route, undecorated
+
+            def functional() -> Tensor:
+                one = torch.func.vmap(
+                    lambda row: active_part(route(problem, loss_fn, targets, as_list(row))),
+                    randomness="same",
+                )
+                return torch.cat([one(V[a:b]) for a, b in chunk_ranges(V.shape[0], self._step(V))])
+
+            def graph() -> Tensor:
+                return torch.stack(
+                    [
+                        active_part(problem.graph_ggn_product(loss_fn, targets, as_list(row)))
+                        for row in V
+                    ]
+                )
+
+            return problem.functional_or_graph(functional, graph)
+
+    def _step(self, V: Tensor) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, min(V.shape[0], 2**24 // max(1, V.shape[1])))
+
+    def _batch_diagonal(self, inputs: Any, targets: Tensor) -> Tensor:
+        diag = gauss_newton_matrix_approximation(
+            self.model, self.loss_fn, inputs, targets, chunk_size=self.chunk_size
+        )
+        trainable = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        return _flat(dict(zip(trainable, diag, strict=True)), self.names, trainable)
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    r"""The empirical Fisher :math:`\frac1N \sum_i g_i g_i^\top` over the data set.
+
+    :math:`g_i` is the gradient of ``loss_fn`` on sample :math:`i` alone (a batch of
+    one), computed by :func:`~torch_secorder.approximations._fisher.empirical_sq_sum`'s
+    vmapped per-sample gradients, ``chunk_size`` samples at a time; ``"sum"``
+    reduction: :math:`\sum_i g_i g_i^\top`.  The model must treat samples
+    independently (no training-mode batch norm).  The reduction must be known
+    (``loss_fn``'s own, or ``reduction=``), also for one batch.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(1, 1, bias=False).double()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(0.0)
+        >>> x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+        >>> y = torch.ones(2, 1, dtype=torch.float64)
+        >>> F = EmpiricalFisherOperator(model, torch.nn.MSELoss(), [(x[:1], y[:1]), (x[1:], y[1:])])
+        >>> F.diagonal()  # g_i = -2, -4: mean of squares 10
+        tensor([10.], dtype=torch.float64)
+    """
+
+    label = "empirical Fisher"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.reduction is None:
+            raise ValueError(
+                "the empirical Fisher needs loss_fn's reduction ('mean' divides by N): "
+                "pass reduction='mean' or reduction='sum'"
+            )
+
+    def _per_sample(self, inputs: Any, targets: Tensor, on_chunk: Callable | None):
+        sums, n = empirical_sq_sum(self.model, self.loss_fn, inputs, targets, None, on_chunk)
+        scale = 1.0 / n if self.reduction == "mean" else 1.0
+        return sums, scale
+
+    def _batch_matmat(self, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+        parts: list[Tensor] = []
+
+        def on_chunk(grads: dict[str, Tensor]) -> None:
+            G = torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in self.names], 1)
+            parts.append((V @ G.T) @ G)
+
+        _, scale = self._per_sample(inputs, targets, on_chunk)
+        return sum(parts[1:], parts[0]) * scale
+
+    def _batch_diagonal(self, inputs: Any, targets: Tensor) -> Tensor:
+        sums, scale = self._per_sample(inputs, targets, None)
+        names = [name for name, _ in self.model.named_parameters()]
+        return _flat(sums, self.names, names) * scale
+
+
+#: Loss classes and functions whose negative log-likelihood the Fisher knows.
+_LIKELIHOODS: dict[Any, str] = {
+    nn.CrossEntropyLoss: "ce",
+    nn.MSELoss: "mse",
+    nn.functional.cross_entropy: "ce",
+    nn.functional.mse_loss: "mse",
+}
+
+
+def _likelihood(loss_fn: Any) -> str:
+    kind = _LIKELIHOODS.get(type(loss_fn)) or _LIKELIHOODS.get(loss_fn)
+    if kind is None:
+        raise ValueError(
+            "FisherOperator needs a loss that is a negative log-likelihood: nn.CrossEntropyLoss / "
+            "F.cross_entropy (categorical) or nn.MSELoss / F.mse_loss (Gaussian), got "
+            f"{loss_fn!r}; for any other loss use GGNOperator"
+        )
+    if kind == "ce" and isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
+            raise ValueError(
+                "FisherOperator: a cross-entropy with class weights or label smoothing is not "
+                "a categorical negative log-likelihood; use GGNOperator"
+            )
+    return kind
+
+
+class FisherOperator(GGNOperator):
+    r"""The type-2 Fisher :math:`\sum_b w_b J_b^\top \Lambda_b J_b` of the model's likelihood.
+
+    :math:`\Lambda_b` is the Hessian of the negative log-likelihood with respect to
+    the outputs, which does not depend on the targets for the categorical
+    (``nn.CrossEntropyLoss``) and Gaussian (``nn.MSELoss``) likelihoods: the Fisher
+    equals the GGN of that loss, and is computed exactly as :class:`GGNOperator`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 3).double()
+        >>> x = torch.randn(5, 2, dtype=torch.float64)
+        >>> y = torch.randint(0, 3, (5,))
+        >>> F = FisherOperator(model, torch.nn.CrossEntropyLoss(), [(x[:3], y[:3]), (x[3:], y[3:])])
+        >>> G = GGNOperator(model, torch.nn.CrossEntropyLoss(), (x, y))
+        >>> bool(torch.allclose(F.diagonal(), G.diagonal()))
+        True
+    """
+
+    label = "Fisher"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.likelihood = _likelihood(self.loss_fn)
