@@ -19,7 +19,10 @@ Both select eigenvalues by ``which``:
 Convergence is judged on the residual of each Ritz pair :math:`(\theta, y)`,
 :math:`\|A y - \theta y\| \le \mathrm{tol}\cdot\max(|\theta|, \sqrt{\varepsilon}\,
 \|A\|_{\mathrm{est}})`, with :math:`\varepsilon` the machine epsilon of the dtype
-and :math:`\|A\|_{\mathrm{est}}` the largest Ritz value in magnitude.  For a
+and :math:`\|A\|_{\mathrm{est}}` the largest Ritz value in magnitude.  :func:`lanczos_eigsh` also
+accepts a residual at the rounding level of the products,
+:math:`\|A y - \theta y\| \le 64\,\varepsilon\,\|A\|_{\mathrm{est}}` (nothing smaller
+can be computed: a zero eigenvalue with ``which="LM"`` and ``k = n``).  For a
 symmetric matrix an eigenvalue of :math:`A` lies within the residual of every
 Ritz value, and the error of a well separated Ritz value is of order
 :math:`\|r\|^2 / \mathrm{gap}`.
@@ -43,6 +46,9 @@ Matmat = Callable[[Tensor], Tensor]
 
 #: Accepted values of ``which``.
 WHICH = ("LM", "LA", "SA")
+
+#: Residuals below this many machine epsilons times the norm estimate count as converged.
+ROUNDING_FLOOR = 64
 
 
 class EigenResult(NamedTuple):
@@ -163,13 +169,58 @@ def ritz_pairs(
     return theta[idx], S, (betas[m - 1] * S[m - 1]).abs()
 
 
-def _ritz(alphas: list[float], betas: list[float], k: int, which: str):
-    return ritz_pairs(
-        torch.tensor(alphas, dtype=torch.float64),
-        torch.tensor(betas, dtype=torch.float64),
-        k,
-        which,
-    )
+def _extend_basis(
+    W: Tensor, V: Tensor, thresh: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, bool]:
+    """Orthonormal rows ``Q`` and upper-triangular ``R`` with ``W = R^T Q`` (``W ⟂ V``).
+
+    Column-by-column Gram-Schmidt (twice) of the rows of ``W`` against ``V`` and the
+    rows already accepted.  A row whose remainder is at most ``thresh`` has no new
+    direction (an invariant subspace of ``A`` was reached): it is replaced by a random
+    direction orthogonal to everything, with a zero coupling (the remainder, at most
+    ``thresh``, is dropped).  Where the whole space is spanned, no row is added.
+    Returns ``(Q, R, breakdown)``; ``R`` has one row per row of ``Q``.
+    """
+    rows: list[Tensor] = []
+    coeffs: list[Tensor] = []  # column j of R: coefficients of W[j] along rows
+    breakdown = False
+    for j in range(W.shape[0]):
+        x = W[j]
+        c = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+        for _ in range(2):
+            x = x - V.T @ (V @ x)
+            if rows:
+                Qs = torch.stack(rows)
+                d = Qs @ x
+                x = x - Qs.T @ d
+                c[: len(rows)] += d
+        nrm = x.norm()
+        if float(nrm) > thresh:
+            c[len(rows)] = nrm
+            rows.append(x / nrm)
+        else:
+            breakdown = True
+            for _ in range(3):  # a random direction orthogonal to V and the rows
+                z = torch.randn(W.shape[1], generator=generator, dtype=W.dtype, device=W.device)
+                z = z / z.norm()
+                for _ in range(2):
+                    z = z - V.T @ (V @ z)
+                    if rows:
+                        Qs = torch.stack(rows)
+                        z = z - Qs.T @ (Qs @ z)
+                if float(z.norm()) > 10 * math.sqrt(torch.finfo(W.dtype).eps):
+                    rows.append(z / z.norm())
+                    break
+        coeffs.append(c)
+    if not rows:
+        empty = torch.empty(0, W.shape[1], dtype=W.dtype, device=W.device)
+        return empty, torch.empty(0, W.shape[0], dtype=W.dtype, device=W.device), breakdown
+    R = torch.stack(coeffs, dim=1)[: len(rows)]
+    return torch.stack(rows), R, breakdown
+
+
+def _default_ncv(dim: int, k: int, block_size: int) -> int:
+    return min(dim, max(2 * k + 20 + block_size, 3 * k + 2 * block_size, 40))
 
 
 def lanczos_eigsh(
@@ -184,34 +235,67 @@ def lanczos_eigsh(
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
     v0: Tensor | None = None,
+    ncv: int | None = None,
+    block_size: int = 1,
 ) -> EigenResult:
-    r"""``k`` extreme eigenpairs of a symmetric matrix by Lanczos with full reorthogonalisation.
+    r"""``k`` extreme eigenpairs of a symmetric matrix by thick-restart (block) Lanczos.
 
-    Builds an orthonormal Krylov basis :math:`Q_m` (each new vector orthogonalised
-    twice against all previous ones, so no spurious copies of converged
-    eigenvalues appear) and the tridiagonal :math:`T_m = Q_m^\top A Q_m`.  After
-    every step the wanted Ritz pairs of :math:`T_m` are checked; the run stops
-    when all ``k`` meet the tolerance (see the module doc), after ``max_iter``
-    products, or when the basis spans the whole space.  If the recurrence breaks
-    down (an invariant subspace is found), it continues from a random vector
-    orthogonal to the basis, so eigenvalues of multiplicity above one are found
-    there.  Memory: ``max_iter`` vectors of length ``n``.
+    Builds an orthonormal Krylov basis :math:`V_m` (each new block orthogonalised
+    twice against the whole basis: full reorthogonalisation, so no spurious copies
+    of converged eigenvalues appear) and the projected matrix
+    :math:`H_m = V_m^\top A V_m`, with the Lanczos relation
+
+    .. math::
+
+        A V_m = V_m H_m + Q B E_m^\top,
+
+    :math:`Q` the next block.  The Ritz pair :math:`(\theta_i, V_m s_i)` of
+    :math:`H_m` has residual norm :math:`\|B E_m^\top s_i\|` (the last block of
+    :math:`s_i`, weighted by the coupling).  These are checked after every product;
+    once all ``k`` wanted pairs meet the tolerance (see the module doc), the
+    residuals are recomputed from the stored products :math:`A V_m` (the true
+    :math:`\|A y - \theta y\|`, not the estimate) and the run stops if they
+    confirm it.
+
+    When the basis reaches ``ncv`` vectors it is restarted thickly (Wu & Simon
+    2000; Stewart's Krylov-Schur): the most wanted Ritz vectors (``k`` and about
+    half of the others, at the wanted end of the spectrum) are kept with their
+    products, :math:`H` becomes diagonal with an arrow coupling to :math:`Q`, and
+    the expansion continues.  Converged wanted pairs are always among those kept.
+
+    If the recurrence breaks down (an invariant subspace is found), it continues
+    from random directions orthogonal to the basis and does not stop at that step,
+    so eigenvalues of multiplicity above one are found when the Krylov space is
+    exhausted.  Before that, single-vector Lanczos (``block_size=1``) sees one copy
+    of a repeated eigenvalue: pass ``block_size`` at least the multiplicity to find
+    all copies.
+
+    Memory: ``2 * (ncv + block_size)`` vectors of length ``n`` (the basis and its
+    products).
 
     Args:
-        matmat: ``V -> V A`` on ``(b, n)`` batches (called with ``b = 1``).
+        matmat: ``V -> V A`` on ``(b, n)`` batches (called with ``b <= block_size``).
         dim: ``n``.
         k: Number of eigenpairs.
         which: ``"LM"`` (largest magnitude), ``"LA"`` (largest algebraic) or
             ``"SA"`` (smallest algebraic).
-        max_iter: Largest Krylov dimension (default ``min(n, max(2k + 20, 100))``).
+        max_iter: Largest number of products with ``A`` (vectors, not blocks;
+            default ``max(300, 10 * ncv)``).
         tol: Relative residual tolerance.
         dtype: Dtype of the basis (default: ``v0``'s, else torch's default).
         device: Device of the basis (default: ``v0``'s, else the generator's or CPU).
         generator: Source of the random start (and of restarts).
-        v0: Start vector (``(n,)``); random Gaussian if ``None``.
+        v0: Start vector ``(n,)`` or start block ``(block_size, n)``; random
+            Gaussian if ``None``.
+        ncv: Largest basis size before a thick restart (default
+            ``min(n, max(2k + 20 + block_size, 3k + 2 block_size, 40))``); at least
+            ``k + 2 * block_size`` unless it is ``n``.
+        block_size: Number of vectors multiplied at once (block Lanczos).
 
     Returns:
-        An :class:`EigenResult`.
+        An :class:`EigenResult`; ``residuals`` are the true residual norms
+        :math:`\|A y - \theta y\|` of the returned pairs, ``converged`` whether each
+        meets the tolerance, ``iterations`` the products with ``A``.
 
     Example:
         >>> import torch
@@ -220,91 +304,129 @@ def lanczos_eigsh(
         >>> [round(float(x), 10) for x in res.eigenvalues]
         [-5.0, 3.0]
         >>> res = lanczos_eigsh(lambda V: V @ A, 4, 1, which="LA", dtype=torch.float64)
-        >>> round(float(res.eigenvalues[0]), 10)
-        3.0
+        >>> round(float(res.eigenvalues[0]), 10), bool(res.converged[0])
+        (3.0, True)
     """
     check_generator(generator, device)
     _check_common(dim, k, tol)
     _check_which(which)
+    check_count(block_size, "block_size")
+    b = min(block_size, dim)
+    if ncv is None:
+        ncv = _default_ncv(dim, k, b)
+    else:
+        check_count(ncv, "ncv")
+        ncv = min(ncv, dim)
+        if ncv < dim and ncv < k + 2 * b:
+            raise ValueError(
+                f"ncv must be >= k + 2 * block_size = {k + 2 * b} (or >= dim={dim}), got {ncv}"
+            )
     if max_iter is None:
-        max_iter = max(2 * k + 20, 100)
+        max_iter = max(300, 10 * ncv)
     check_count(max_iter, "max_iter")
-    m_max = min(max_iter, dim)
-    if m_max < k:
+    if max_iter < k:
         raise ValueError(f"max_iter must be >= the number of eigenpairs k={k}, got {max_iter}")
     if v0 is not None:
-        if v0.shape != (dim,):
-            raise ShapeError(f"v0 must have shape ({dim},), got {tuple(v0.shape)}")
+        if v0.shape not in ((dim,), (b, dim)):
+            raise ShapeError(
+                f"v0 must have shape ({dim},) or (block_size={b}, {dim}), got {tuple(v0.shape)}"
+            )
         dtype = dtype or v0.dtype
         device = device if device is not None else v0.device
     dtype = dtype or torch.get_default_dtype()
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     eps = torch.finfo(dtype).eps
-    # beta below this (relative to ||A||) means an invariant subspace: restart there
-    breakdown_tol = eps**0.75
+    tiny = torch.finfo(dtype).tiny
 
-    def random_vector() -> Tensor:
-        return torch.randn(dim, generator=generator, dtype=dtype, device=device)
-
-    q = (v0.to(dtype=dtype, device=device) if v0 is not None else random_vector()).clone()
-    if not bool(q.norm() > 0):
-        raise ValueError("v0 must be nonzero")
-    q = q / q.norm()
-    Q = torch.empty(m_max, dim, dtype=dtype, device=device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    theta = S = residuals = None
+    X = torch.randn(b, dim, generator=generator, dtype=dtype, device=device)
+    if v0 is not None:
+        start = v0.to(dtype=dtype, device=device).reshape(-1, dim)
+        if not bool(start.norm(dim=1).gt(0).all()):
+            raise ValueError("v0 must be nonzero")
+        X[: start.shape[0]] = start
+    X = _orthonormalize(X, None, generator)
+    cap = min(ncv + b, dim)
+    V = torch.empty(cap, dim, dtype=dtype, device=device)
+    AV = torch.empty(cap, dim, dtype=dtype, device=device)
+    H = torch.zeros(cap, cap, dtype=torch.float64)
+    V[:b] = X
+    m, t = 0, b  # multiplied rows, then t trailing rows of V not multiplied yet
+    coupling = torch.zeros(b, 0, dtype=torch.float64)  # A V[:m] along V[m:m+t]
     anorm = 0.0
-    m = 0
-    block_start = 0  # where the current Krylov sequence began (restarts after breakdown)
-    last_check = 0
-    for j in range(m_max):
-        Q[j] = q
-        w = _apply(matmat, q[None])[0]
-        alpha = torch.dot(w, q)
-        w = w - alpha * q
-        if j > 0:
-            w = w - betas[-1] * Q[j - 1]
-        basis = Q[: j + 1]
-        for _ in range(2):  # full reorthogonalisation, twice is enough
-            w = w - basis.T @ (basis @ w)
-        beta = w.norm()
-        alphas.append(float(alpha))
-        betas.append(float(beta))
-        m = j + 1
-        anorm = max(anorm, abs(alphas[-1]), betas[-1])
-        breakdown = betas[-1] <= breakdown_tol * max(anorm, torch.finfo(dtype).tiny)
-        # The Ritz pairs (an eigendecomposition of T_m) are checked after every step
-        # up to 20, then every m // 10 steps (at most 10% more products than needed).
-        due = m - block_start >= k and (m <= 20 or m - last_check >= m // 10)
-        if m == m_max or breakdown or due:
-            last_check = m
-            theta, S, residuals = _ritz(alphas, betas, k, which)
-            anorm = max(anorm, float(theta.abs().max()))
-        if m == m_max:
-            break
-        if due and not breakdown:
-            bound = tol * torch.clamp(theta.abs(), min=math.sqrt(eps) * anorm)
-            if bool((residuals <= bound).all()):
-                break
-        if breakdown:
-            betas[-1] = 0.0
-            block_start = m
-            w = _orthonormalize(random_vector()[None], Q[:m], generator)[0]
-            q = w
+    matvecs = 0
+
+    def wanted_ritz() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        Hm = H[:m, :m]
+        theta, S = torch.linalg.eigh((Hm + Hm.T) / 2)
+        idx = _select(theta, min(k, m), which)
+        return theta, S, idx, (coupling @ S[:, idx]).norm(dim=0)
+
+    def bound(theta: Tensor) -> Tensor:
+        relative = tol * torch.clamp(theta.abs(), min=math.sqrt(eps) * anorm)
+        return torch.clamp(relative, min=ROUNDING_FLOOR * eps * anorm)
+
+    def true_pairs(theta: Tensor, S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        St = S.T.to(dtype=dtype, device=device)
+        Y, AY = St @ V[:m], St @ AV[:m]
+        th = theta.to(dtype=dtype, device=device)
+        return Y, (AY - th[:, None] * Y).norm(dim=1), th
+
+    while True:
+        use = min(t, max_iter - matvecs)
+        block = slice(m, m + use)
+        W = _apply(matmat, V[block])
+        matvecs += use
+        AV[block] = W
+        basis = V[: m + t]
+        C = basis @ W.T  # (m + t, use): the new columns of H
+        W = W - C.T @ basis
+        C2 = basis @ W.T
+        W = W - C2.T @ basis
+        C = (C + C2).to(dtype=torch.float64, device="cpu")
+        H[: m + t, block] = C
+        H[block, : m + t] = C.T
+        m += use
+        anorm = max(anorm, float(C.abs().max()))
+        thresh = eps**0.75 * max(anorm, tiny)
+        if use < t or m == dim:  # the budget ends here, or the whole space is spanned
+            t = 0
+            coupling = torch.zeros(0, m, dtype=torch.float64)
+            breakdown = False
         else:
-            q = w / beta
-    assert theta is not None and S is not None and residuals is not None
-    vectors = S.T.to(dtype=dtype, device=device) @ Q[:m]
-    bound = tol * torch.clamp(theta.abs(), min=math.sqrt(eps) * anorm)
-    return EigenResult(
-        theta.to(dtype=dtype, device=device),
-        vectors,
-        residuals.to(dtype=dtype, device=device),
-        (residuals <= bound).to(device),
-        m,
-    )
+            Q, R, breakdown = _extend_basis(W, V[:m], thresh, generator)
+            t = Q.shape[0]
+            V[m : m + t] = Q
+            coupling = torch.zeros(t, m, dtype=torch.float64)
+            coupling[:, m - use :] = R.to(dtype=torch.float64, device="cpu")
+        theta, S, idx, est = wanted_ritz()
+        anorm = max(
+            anorm,
+            float(theta.abs().max()),
+            float(coupling.abs().max()) if coupling.numel() else 0.0,
+        )
+        done = t == 0 or matvecs >= max_iter
+        if not done and not breakdown and m >= k and bool((est <= bound(theta[idx])).all()):
+            _, res, _ = true_pairs(theta[idx], S[:, idx])
+            done = bool((res.cpu() <= bound(theta[idx])).all())
+        if done:
+            break
+        grow = min(b, dim - m - t)  # rows the next step adds
+        if m + t + grow > cap:  # thick restart: keep the most wanted Ritz vectors
+            keep = min(k + (m - k) // 2, cap - t - grow)
+            order = _select(theta, keep, which)
+            Sk = S[:, order]
+            St = Sk.T.to(dtype=dtype, device=device)
+            V[:keep], AV[:keep] = St @ V[:m], St @ AV[:m]
+            V[keep : keep + t] = V[m : m + t].clone()
+            H.zero_()
+            H[:keep, :keep] = torch.diag(theta[order])
+            coupling = coupling @ Sk
+            m = keep
+    theta, S, idx, _ = wanted_ritz()
+    vectors, residuals, values = true_pairs(theta[idx], S[:, idx])
+    converged = residuals <= bound(theta[idx]).to(dtype=dtype, device=device)
+    return EigenResult(values, vectors, residuals, converged, matvecs)
 
 
 def _spectral_radius_bound(
