@@ -142,11 +142,13 @@ def hessian_diagonal(
 def model_hessian_diagonal(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Any,
-    targets: Any,
+    inputs: Any = None,
+    targets: Any = None,
     create_graph: bool = False,
     strict: bool = False,
     *,
+    data: Any = None,
+    reduction: str | None = None,
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> list[Tensor]:
@@ -166,6 +168,14 @@ def model_hessian_diagonal(
         strict: See :func:`hessian_diagonal`.
         chunk_size: See :func:`hessian_diagonal`.
         progress: Show a progress bar for long runs.
+        data: Keyword only, instead of ``inputs`` and ``targets``: one
+            ``(inputs, targets)`` batch or an iterable of batches (a ``DataLoader``);
+            the diagonal is that of the Hessian of the loss over all the samples
+            (batches weighted by their size for a mean loss, summed for a summed one;
+            see :mod:`torch_secorder.operators`).  ``create_graph`` and ``strict``
+            are not supported with ``data``.
+        reduction: With ``data``, ``"mean"`` or ``"sum"`` for a plain-function
+            ``loss_fn`` that does not declare its reduction.
 
     Returns:
         One tensor per parameter of ``model.parameters()``.
@@ -178,8 +188,31 @@ def model_hessian_diagonal(
         >>> x, y = torch.tensor([[1.0, 2.0]]), torch.zeros(1, 1)
         >>> model_hessian_diagonal(model, torch.nn.functional.mse_loss, x, y)
         [tensor([[2., 8.]])]
+        >>> model_hessian_diagonal(model, torch.nn.functional.mse_loss, data=[(x, y), (x, y)])
+        [tensor([[2., 8.]])]
     """
     check_chunk_size(chunk_size)
+    if data is not None or inputs is None or targets is None:
+        from torch_secorder.operators import _convenience  # operators import core
+
+        _convenience.data_or_batch(
+            "model_hessian_diagonal",
+            inputs,
+            targets,
+            data,
+            create_graph=create_graph,
+            strict=strict,
+        )
+        A = _convenience.hessian_operator_of(
+            model,
+            loss_fn,
+            data,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            strategy="auto",
+            progress=progress,
+        )
+        return _convenience.operator_diagonal(model, A)
     with module_problem(
         model, loss_fn, inputs, targets, strict=strict, create_graph=create_graph
     ) as problem:

@@ -172,12 +172,14 @@ def hessian_trace_estimate(
 def model_hessian_trace(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Any,
-    targets: Any,
+    inputs: Any = None,
+    targets: Any = None,
     num_samples: int | None = None,
     create_graph: bool = False,
     strict: bool = False,
     *,
+    data: Any = None,
+    reduction: str | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     strategy: str = "auto",
@@ -191,6 +193,15 @@ def model_hessian_trace(
     flags, buffers), also on error.  Attention runs under the math kernel, so
     transformers with ``scaled_dot_product_attention`` work.
 
+    Over a data set: ``data=`` (keyword only, instead of ``inputs`` and
+    ``targets``) is one ``(inputs, targets)`` batch or an iterable of batches (a
+    ``DataLoader``); the trace is that of the Hessian of the loss over all the
+    samples (batches weighted by their size for a mean loss, summed for a summed
+    one: see :mod:`torch_secorder.operators`, whose
+    :class:`~torch_secorder.operators.HessianOperator` computes it;
+    ``reduction=`` for a plain-function loss that does not declare its
+    reduction).  ``create_graph`` and ``strict`` are not supported with ``data=``.
+
     Example:
         >>> import torch
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -199,6 +210,9 @@ def model_hessian_trace(
         >>> x, y = torch.randn(5, 10), torch.randn(5, 1)
         >>> exact = model_hessian_trace(model, torch.nn.functional.mse_loss, x, y)
         >>> bool(torch.isclose(exact, 2 * (x.pow(2).sum() / 5 + 1)))
+        True
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+        >>> bool(torch.isclose(model_hessian_trace(model, torch.nn.MSELoss(), data=loader), exact))
         True
     """
     check_count(num_samples, "num_samples", allow_none=True)
@@ -211,6 +225,8 @@ def model_hessian_trace(
         num_samples,
         create_graph,
         strict,
+        data=data,
+        reduction=reduction,
         generator=generator,
         chunk_size=chunk_size,
         strategy=strategy,
@@ -221,18 +237,22 @@ def model_hessian_trace(
 def model_hessian_trace_estimate(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Any,
-    targets: Any,
+    inputs: Any = None,
+    targets: Any = None,
     num_samples: int | None = None,
     create_graph: bool = False,
     strict: bool = False,
     *,
+    data: Any = None,
+    reduction: str | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     strategy: str = "auto",
     progress: bool = True,
 ) -> TraceEstimate:
     """Like :func:`model_hessian_trace`, returning ``(estimate, std_error, samples)``.
+
+    ``data=`` as in :func:`model_hessian_trace`.
 
     Example:
         >>> import torch
@@ -248,6 +268,21 @@ def model_hessian_trace_estimate(
     """
     check_count(num_samples, "num_samples", allow_none=True)
     check_chunk_size(chunk_size)
+    if _over_data(
+        "model_hessian_trace", inputs, targets, data, create_graph=create_graph, strict=strict
+    ):
+        A = _hessian_operator(
+            model,
+            loss_fn,
+            data,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            strategy=strategy,
+            progress=progress,
+        )
+        return _operator_trace(
+            model, A, num_samples, generator=generator, chunk_size=chunk_size, progress=progress
+        )
     with module_problem(
         model, loss_fn, inputs, targets, strict=strict, create_graph=create_graph
     ) as problem:
@@ -259,3 +294,21 @@ def model_hessian_trace_estimate(
             strategy=strategy,
             progress=progress,
         )
+
+
+def _over_data(name: str, inputs: Any, targets: Any, data: Any, **unsupported: Any) -> bool:
+    from torch_secorder.operators._convenience import data_or_batch  # operators import core
+
+    return data_or_batch(name, inputs, targets, data, **unsupported)
+
+
+def _hessian_operator(*args: Any, **kwargs: Any) -> Any:
+    from torch_secorder.operators._convenience import hessian_operator_of
+
+    return hessian_operator_of(*args, **kwargs)
+
+
+def _operator_trace(*args: Any, **kwargs: Any) -> TraceEstimate:
+    from torch_secorder.operators._convenience import operator_trace
+
+    return operator_trace(*args, **kwargs)
