@@ -236,3 +236,24 @@ def test_to_scipy_against_dense():
     assert np.abs(S.matvec(v) - dense @ v).max() < TOL
     assert np.abs(S @ M - dense @ M).max() < TOL
     assert np.abs(S.rmatvec(v) - dense @ v).max() < TOL
+
+
+@pytest.mark.parametrize("kind", ["ce", "mse"])
+def test_monte_carlo_fisher_is_one_fixed_matrix_and_near_the_fisher(kind):
+    model, loss_fn, batches, X, Y = _case(6, 2, 3, 3, [4, 4, 2], kind, "mean")
+    exact = dense_ggn_of(model, loss_fn, X, Y, _all_names(model))
+    F = FisherOperator(
+        model, loss_fn, batches, num_samples=1000, generator=torch.Generator().manual_seed(0)
+    )
+    dense = F @ torch.eye(F.shape[0], dtype=DTYPE)
+    assert_close(dense, dense.T)
+    assert_close(F @ torch.eye(F.shape[0], dtype=DTYPE), dense)  # the same draws every pass
+    assert_close(F.diagonal(), torch.diagonal(dense))
+    assert_close(F.block(["2.weight"]).diagonal(), torch.diagonal(dense)[9:18])
+    assert torch.linalg.eigvalsh(dense).min() > -1e-12
+    # 1000 draws per sample: relative error about sqrt(2 / 1000) = 4.5% (fixed seed: no flakes)
+    assert torch.linalg.norm(dense - exact) < 0.15 * torch.linalg.norm(exact)
+    other = FisherOperator(
+        model, loss_fn, batches, num_samples=1000, generator=torch.Generator().manual_seed(1)
+    )
+    assert not torch.allclose(other.diagonal(), F.diagonal(), rtol=0, atol=1e-12)

@@ -173,8 +173,8 @@ class CurvatureOperator:
 
     # ------------------------------------------------------------------ the data loop
 
-    def _over_data(self, per_batch: Callable[[Any, Tensor], Tensor], desc: str) -> Tensor:
-        r""":math:`\sum_b w_b\, \text{per\_batch}(\text{inputs}_b, \text{targets}_b)`.
+    def _over_data(self, per_batch: Callable[[int, Any, Tensor], Tensor], desc: str) -> Tensor:
+        r""":math:`\sum_b w_b\, \text{per\_batch}(b, \text{inputs}_b, \text{targets}_b)`.
 
         The one loop over the data: :math:`w_b = N_b / N` for ``"mean"``, 1 for
         ``"sum"`` (and for a single batch).  An error raised on a batch names it.
@@ -192,7 +192,7 @@ class CurvatureOperator:
         try:
             for index, inputs, targets, size in items:
                 try:
-                    value = per_batch(inputs, targets)
+                    value = per_batch(index, inputs, targets)
                 except (ValueError, TypeError, RuntimeError) as exc:
                     raise _with_batch_index(exc, index) from None
                 if self.reduction == "mean" and self.batches.num_batches > 1:
@@ -208,12 +208,12 @@ class CurvatureOperator:
 
     # ------------------------------------------------------------------ per batch
 
-    def _batch_matmat(self, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
-        """One batch's matrix on rows: ``(k, n) -> (k, n)``."""
+    def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+        """Batch ``index``'s matrix on rows: ``(k, n) -> (k, n)``."""
         raise NotImplementedError
 
-    def _batch_diagonal(self, inputs: Any, targets: Tensor) -> Tensor:
-        """One batch's exact diagonal, flat ``(n,)``."""
+    def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
+        """Batch ``index``'s exact diagonal, flat ``(n,)``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ products
@@ -245,7 +245,9 @@ class CurvatureOperator:
             return self.matmat(V.unsqueeze(0))[0]
         if V.shape[0] == 0:
             return V.clone()
-        return self._over_data(lambda x, y: self._batch_matmat(x, y, V), f"{self.label} products")
+        return self._over_data(
+            lambda b, x, y: self._batch_matmat(b, x, y, V), f"{self.label} products"
+        )
 
     def __matmul__(self, X: Tensor) -> Tensor:
         """``A @ X`` for a vector ``(n,)`` or a block of columns ``(n, k)``."""

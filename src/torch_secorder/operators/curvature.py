@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_secorder.approximations._fisher import _rows as fisher_rows
 from torch_secorder.approximations._fisher import empirical_sq_sum
 from torch_secorder.approximations.gauss_newton import gauss_newton_matrix_approximation
 from torch_secorder.core._batch_checks import check_batch_device
+from torch_secorder.core._inputs import check_generator, check_num_samples
 from torch_secorder.core._problem import module_problem
 from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.core.hessian_diagonal import active_hessian_diagonal
@@ -86,13 +88,13 @@ class HessianOperator(CurvatureOperator):
     def _problem(self, inputs: Any, targets: Tensor):
         return module_problem(self.model, self.loss_fn, inputs, targets, only=self.names)
 
-    def _batch_matmat(self, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+    def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
         with self._problem(inputs, targets) as problem:
             if not problem.active:
                 return torch.zeros_like(V)
             return problem.matmat(self.strategy, self.chunk_size)(V)
 
-    def _batch_diagonal(self, inputs: Any, targets: Tensor) -> Tensor:
+    def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
         with self._problem(inputs, targets) as problem:
             diag = active_hessian_diagonal(problem, self.chunk_size, False)
             if not problem.active:
@@ -122,7 +124,7 @@ class GGNOperator(CurvatureOperator):
 
     label = "GGN"
 
-    def _batch_matmat(self, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+    def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
         loss_fn = self.loss_fn
         with model_output_problem(self.model, inputs, False, only=self.names) as problem:
             check_batch_device(problem.params, targets=targets)
@@ -164,7 +166,7 @@ class GGNOperator(CurvatureOperator):
             return self.chunk_size
         return max(1, min(V.shape[0], 2**24 // max(1, V.shape[1])))
 
-    def _batch_diagonal(self, inputs: Any, targets: Tensor) -> Tensor:
+    def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
         diag = gauss_newton_matrix_approximation(
             self.model, self.loss_fn, inputs, targets, chunk_size=self.chunk_size
         )
@@ -205,11 +207,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
             )
 
     def _per_sample(self, inputs: Any, targets: Tensor, on_chunk: Callable | None):
-        sums, n = empirical_sq_sum(self.model, self.loss_fn, inputs, targets, None, on_chunk)
+        sums, n = empirical_sq_sum(
+            self.model, self.loss_fn, inputs, targets, self.chunk_size, on_chunk
+        )
         scale = 1.0 / n if self.reduction == "mean" else 1.0
         return sums, scale
 
-    def _batch_matmat(self, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+    def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
         parts: list[Tensor] = []
 
         def on_chunk(grads: dict[str, Tensor]) -> None:
@@ -219,7 +223,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         _, scale = self._per_sample(inputs, targets, on_chunk)
         return sum(parts[1:], parts[0]) * scale
 
-    def _batch_diagonal(self, inputs: Any, targets: Tensor) -> Tensor:
+    def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
         sums, scale = self._per_sample(inputs, targets, None)
         names = [name for name, _ in self.model.named_parameters()]
         return _flat(sums, self.names, names) * scale
@@ -257,7 +261,24 @@ class FisherOperator(GGNOperator):
     :math:`\Lambda_b` is the Hessian of the negative log-likelihood with respect to
     the outputs, which does not depend on the targets for the categorical
     (``nn.CrossEntropyLoss``) and Gaussian (``nn.MSELoss``) likelihoods: the Fisher
-    equals the GGN of that loss, and is computed exactly as :class:`GGNOperator`.
+    equals the GGN of that loss, and without ``num_samples`` it is computed exactly,
+    as :class:`GGNOperator`.
+
+    With ``num_samples=m``, the Monte Carlo Fisher of
+    :mod:`~torch_secorder.approximations._fisher`: per sample :math:`i`, ``m``
+    output vectors :math:`u_{ir}` with :math:`\mathbb{E}\sum_r u_{ir}u_{ir}^\top =
+    \Lambda_i` (labels drawn from the model's categorical distribution, or Gaussian
+    noise), and :math:`F = c \sum_{i,r} (J_i^\top u_{ir})(J_i^\top u_{ir})^\top`,
+    an unbiased estimate of the Fisher that is itself a fixed positive semi-definite
+    matrix: the draws of batch :math:`b` come from a generator seeded with
+    ``seed + b``, ``seed`` drawn once from ``generator`` (or the global RNG) when the
+    operator is built, so every product and the diagonal see the same draws.  This
+    needs the batches in the same order on every pass (a ``DataLoader`` without
+    shuffling).  ``chunk_size`` counts samples per batched backward pass.
+
+    Args:
+        num_samples: ``None`` (exact) or the labels drawn per sample.
+        generator: Source of the seed (Monte Carlo only).
 
     Example:
         >>> import torch
@@ -268,10 +289,84 @@ class FisherOperator(GGNOperator):
         >>> G = GGNOperator(model, torch.nn.CrossEntropyLoss(), (x, y))
         >>> bool(torch.allclose(F.diagonal(), G.diagonal()))
         True
+        >>> mc = FisherOperator(model, torch.nn.CrossEntropyLoss(), (x, y), num_samples=2,
+        ...                     generator=torch.Generator().manual_seed(0))
+        >>> dense = mc @ torch.eye(9, dtype=torch.float64)
+        >>> bool(torch.allclose(mc.diagonal(), torch.diagonal(dense)))
+        True
     """
 
     label = "Fisher"
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.likelihood = _likelihood(self.loss_fn)
+        if self.reduction is None:
+            self.reduction = "mean"  # F.cross_entropy / F.mse_loss default
+        if num_samples is not None:
+            check_num_samples(num_samples)
+        check_generator(generator, self.device)
+        self.num_samples_per_input = num_samples
+        self._seed = (
+            None
+            if num_samples is None
+            else int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device))
+        )
+
+    def _mc_rows(self, index: int, inputs: Any, fn: Callable[[Tensor], None]) -> None:
+        r"""Feed ``fn`` the rows :math:`\sqrt{c}\, J_i^\top u_{ir}` of batch ``index`` in chunks."""
+        assert self._seed is not None
+        generator = torch.Generator(device=self.device).manual_seed(self._seed + index)
+        with model_output_problem(self.model, inputs, False, only=self.names) as problem:
+            if not problem.active:
+                return
+            out, vjp_fn = torch.func.vjp(problem.pure, problem.primals)
+            out = out.detach()
+            if self.likelihood == "ce" and out.ndim != 2:
+                raise ValueError(
+                    "FisherOperator with num_samples: the model's outputs must be (batch, "
+                    f"classes) logits for cross-entropy, got shape {tuple(out.shape)}"
+                )
+            make, per = fisher_rows(
+                out, self.likelihood, self.num_samples_per_input, generator, False
+            )
+            n = out.shape[0]
+            d = out.numel() // n
+            scale = 1.0
+            if self.reduction == "mean":
+                scale = 1.0 / n if self.likelihood == "ce" else 1.0 / (n * d)
+            step = self.chunk_size or max(1, 2**24 // max(1, per * out.numel() + self.shape[0]))
+            pulled = torch.func.vmap(vjp_fn)
+            for start, stop in chunk_ranges(n, step):
+                rows = make(start, stop).reshape(-1, *out.shape)
+                fn(tree_ravel(list(pulled(rows)[0]), batch_dims=1) * scale**0.5)
+
+    def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+        if self.num_samples_per_input is None:
+            return super()._batch_matmat(index, inputs, targets, V)
+        total = torch.zeros_like(V)
+
+        def add(R: Tensor) -> None:
+            nonlocal total
+            total = total + (V @ R.T) @ R
+
+        self._mc_rows(index, inputs, add)
+        return total
+
+    def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
+        if self.num_samples_per_input is None:
+            return super()._batch_diagonal(index, inputs, targets)
+        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+
+        def add(R: Tensor) -> None:
+            nonlocal total
+            total = total + (R**2).sum(0)
+
+        self._mc_rows(index, inputs, add)
+        return total
