@@ -19,6 +19,7 @@ from torch_secorder.analysis import (
     model_eigenvalues,
     power_iteration,
 )
+from torch_secorder.analysis.eigensolvers import EigenInfo
 from torch_secorder.linalg import lanczos_eigsh, ritz_pairs, subspace_iteration
 
 DT = torch.float64
@@ -207,3 +208,81 @@ def test_bad_input():
         power_iteration("A", 3, device="cpu")
     with pytest.raises(ValueError, match="dim must be >= 1, got 0"):
         lanczos_eigsh(lambda V: V, 0)
+
+
+def test_return_info_carries_true_residuals_and_flags():
+    """``return_info=True``: residuals equal ``||A y - theta y||``, flags match tol, counts."""
+    A, eigs = planted()
+    calls = []
+
+    def product(v):
+        calls.append(v.shape[-1] if v.ndim == 2 else 1)
+        return A @ v
+
+    for fn in (lanczos, power_iteration):
+        calls.clear()
+        vals, vecs, info = fn(
+            product,
+            300,
+            2000,
+            3,
+            1e-10,
+            "cpu",
+            dtype=DT,
+            generator=torch.Generator(),
+            return_info=True,
+        )
+        assert isinstance(info, EigenInfo)
+        torch.testing.assert_close(
+            info.residuals, (A @ vecs - vecs * vals).norm(dim=0), rtol=1e-6, atol=1e-13
+        )
+        assert bool(info.converged.all())
+        assert bool((info.residuals <= 1e-10 * vals.abs()).all())
+        assert info.matvecs == sum(calls)
+        torch.testing.assert_close(vals, wanted(eigs, 3, "LM"), rtol=1e-8, atol=0)
+
+
+def test_unconverged_runs_say_so():
+    A, _ = planted()
+    with pytest.warns(RuntimeWarning, match="did not reach the relative residual"):
+        vals, vecs = lanczos(lambda v: A @ v, 300, 5, 3, 1e-10, "cpu", dtype=DT)
+    assert vals.shape == (3,)
+    vals, vecs, info = lanczos(lambda v: A @ v, 300, 5, 3, 1e-10, "cpu", dtype=DT, return_info=True)
+    assert not bool(info.converged.all()) and info.matvecs == 5
+    torch.testing.assert_close(
+        info.residuals, (A @ vecs - vecs * vals).norm(dim=0), rtol=1e-6, atol=1e-13
+    )
+    with pytest.warns(RuntimeWarning, match="power_iteration: .* did not reach"):
+        power_iteration(lambda V: A @ V, 300, 2, 2, 1e-10, "cpu", dtype=DT)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power_iteration"])
+def test_model_eigenvalues_return_info_against_dense_hessian(method):
+    model, x, y = mlp(11, 3, 4, 2, 6)
+    H = dense_hessian(model, x, y)
+    eigs = torch.linalg.eigvalsh(H)
+    vals, vecs, info = model_eigenvalues(
+        model,
+        loss_of_model,
+        x,
+        y,
+        2,
+        method,
+        3000,
+        1e-10,
+        which="LA",
+        generator=torch.Generator().manual_seed(0),
+        return_info=True,
+    )
+    torch.testing.assert_close(vals, wanted(eigs, 2, "LA"), rtol=1e-8, atol=1e-12)
+    flat = [torch.cat([t.reshape(-1) for t in vec]) for vec in vecs]
+    true = torch.stack([(H @ v - val * v).norm() for val, v in zip(vals, flat, strict=True)])
+    torch.testing.assert_close(info.residuals, true, rtol=1e-5, atol=1e-12)
+    assert bool(info.converged.all()) and info.matvecs > 0
+    # too few products: flags false, and the warning without return_info
+    _, _, info = model_eigenvalues(
+        model, loss_of_model, x, y, 2, method, 2, 1e-12, which="LA", return_info=True
+    )
+    assert not bool(info.converged.all())
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        model_eigenvalues(model, loss_of_model, x, y, 2, method, 2, 1e-12, which="LA")

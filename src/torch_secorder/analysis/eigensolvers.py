@@ -16,12 +16,19 @@ decreasing :math:`|\lambda|`.  The keyword ``which`` selects others: ``"LA"``
 most negative curvature).  Both solvers stop when every wanted Ritz pair
 :math:`(\theta, y)` has :math:`\|A y - \theta y\| \le \mathrm{tol}\cdot|\theta|`
 (see :mod:`torch_secorder.linalg.eigen`), or after ``num_iterations``.
+
+Every function takes the keyword ``return_info=True`` to return a third item, an
+:class:`EigenInfo` with the residual norm :math:`\|A y - \theta y\|` of each
+returned pair, whether it met the tolerance, and the number of products used.
+Without it, a run that stops on ``num_iterations`` before every pair met the
+tolerance warns (``RuntimeWarning``) instead of returning the pairs silently.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +40,7 @@ from torch_secorder.func._tree import tree_unravel
 from torch_secorder.linalg.eigen import EigenResult, lanczos_eigsh, subspace_iteration
 
 __all__ = [
+    "EigenInfo",
     "estimate_eigenvalues",
     "lanczos",
     "lanczos_iteration",
@@ -41,6 +49,53 @@ __all__ = [
 ]
 
 METHODS = ("lanczos", "power_iteration")
+
+
+class EigenInfo(NamedTuple):
+    """How well the returned eigenpairs are known (the third item with ``return_info=True``).
+
+    Attributes:
+        residuals: ``(k,)`` residual norms :math:`\\|A y - \\theta y\\|` of the
+            returned pairs (``y`` of unit norm), in the order of the eigenvalues.
+        converged: ``(k,)`` bool, whether each pair met the tolerance.
+        matvecs: Products with the matrix used (vectors; a block of ``b`` counts ``b``).
+    """
+
+    residuals: Tensor
+    converged: Tensor
+    matvecs: int
+
+
+class _Counted:
+    """A batched product ``V -> V A`` that counts the vectors it multiplies."""
+
+    def __init__(self, matmat: Callable[[Tensor], Tensor]) -> None:
+        self.matmat = matmat
+        self.count = 0
+
+    def __call__(self, V: Tensor) -> Tensor:
+        self.count += V.shape[0]
+        return self.matmat(V)
+
+
+def _finish(
+    name: str, res: EigenResult, matvecs: int, tol: float, return_info: bool, *items: Any
+) -> tuple:
+    """``items`` plus an :class:`EigenInfo` if asked, else a warning when not converged."""
+    info = EigenInfo(res.residuals, res.converged, matvecs)
+    if return_info:
+        return (*items, info)
+    if not bool(res.converged.all()):
+        missing = int((~res.converged).sum())
+        warnings.warn(
+            f"{name}: {missing} of {res.converged.shape[0]} eigenpairs did not reach the "
+            f"relative residual tol={tol} within num_iterations (largest residual "
+            f"{float(res.residuals.max()):.3g}); raise num_iterations or pass "
+            "return_info=True to get the residuals and converged flags",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return items
 
 
 def _default_device(device: torch.device | str | None) -> torch.device:
@@ -60,7 +115,8 @@ def power_iteration(
     which: str = "LM",
     dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_info: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, EigenInfo]:
     r"""Top ``num_vectors`` eigenpairs of a symmetric matrix by block power iteration.
 
     The block of ``num_vectors`` vectors is multiplied by :math:`A`, rotated to the
@@ -81,15 +137,19 @@ def power_iteration(
             (largest algebraic) or ``"SA"`` (smallest algebraic).
         dtype: Dtype of the vectors (default: torch's default dtype).
         generator: Source of the random start.
+        return_info: Also return an :class:`EigenInfo` (residuals, converged
+            flags, products used).
 
     Returns:
         ``(eigenvalues, eigenvectors)``: ``(num_vectors,)`` and ``(dim, num_vectors)``
-        (one eigenvector per column, orthonormal).
+        (one eigenvector per column, orthonormal); with ``return_info=True``,
+        ``(eigenvalues, eigenvectors, info)``.
 
     Differences from 0.0.1: stops on the residuals of the Ritz pairs rather than
     on the change of the eigenvalues; the eigenvectors are Ritz vectors of the
     block (0.0.1 returned ``A^t X`` orthonormalised, without the final rotation);
-    ``which``, ``dtype``, ``generator`` are new.
+    ``which``, ``dtype``, ``generator``, ``return_info`` are new; a run that ends
+    on ``num_iterations`` unconverged warns.
 
     Example:
         >>> import torch
@@ -112,8 +172,9 @@ def power_iteration(
             out = out[:, None]
         return out.T if isinstance(out, Tensor) and out.ndim == 2 else out
 
+    counted = _Counted(matmat)
     res = subspace_iteration(
-        matmat,
+        counted,
         dim,
         num_vectors,
         which=which,
@@ -123,7 +184,9 @@ def power_iteration(
         device=_default_device(device),
         generator=generator,
     )
-    return res.eigenvalues, res.eigenvectors.T
+    return _finish(
+        "power_iteration", res, counted.count, tol, return_info, res.eigenvalues, res.eigenvectors.T
+    )
 
 
 def lanczos(
@@ -137,7 +200,8 @@ def lanczos(
     which: str = "LM",
     dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_info: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, EigenInfo]:
     r"""Top ``num_vectors`` eigenpairs of a symmetric matrix by Lanczos (full reorthogonalisation).
 
     See :func:`~torch_secorder.linalg.eigen.lanczos_eigsh`.
@@ -153,15 +217,21 @@ def lanczos(
             (largest algebraic) or ``"SA"`` (smallest algebraic).
         dtype: Dtype of the vectors (default: torch's default dtype).
         generator: Source of the random start vector.
+        return_info: Also return an :class:`EigenInfo` (residuals, converged
+            flags, products used).
 
     Returns:
-        ``(eigenvalues, eigenvectors)``: ``(num_vectors,)`` and ``(dim, num_vectors)``.
+        ``(eigenvalues, eigenvectors)``: ``(num_vectors,)`` and ``(dim, num_vectors)``;
+        with ``return_info=True``, ``(eigenvalues, eigenvectors, info)``.
 
     Differences from 0.0.1: 0.0.1 did not reorthogonalise (spurious copies of
     converged eigenvalues), always ran ``num_iterations`` steps unless the
     recurrence broke down (``tol`` was that threshold), sorted by algebraic value
     although it promised the largest, and failed for ``num_iterations=1``.
-    ``tol`` now bounds the relative residuals.
+    ``tol`` now bounds the relative residuals; ``num_iterations`` bounds the
+    products (the basis is restarted thickly, see
+    :func:`~torch_secorder.linalg.eigen.lanczos_eigsh`); a run that ends on it
+    unconverged warns.
 
     Example:
         >>> import torch
@@ -173,6 +243,10 @@ def lanczos(
         >>> vals, _ = lanczos(lambda v: A @ v, 3, device="cpu", dtype=torch.float64, which="LA")
         >>> round(float(vals[0]), 10)
         2.0
+        >>> vals, vecs, info = lanczos(lambda v: A @ v, 3, device="cpu", dtype=torch.float64,
+        ...                            return_info=True)
+        >>> bool(info.converged.all()), bool(info.residuals.max() < 1e-12)
+        (True, True)
     """
     check_positive_int(num_iterations, "num_iterations")
     check_positive_int(num_vectors, "num_vectors")
@@ -184,8 +258,9 @@ def lanczos(
     def matmat(V: Tensor) -> Tensor:
         return torch.stack([matrix_vector_product(v) for v in V])
 
+    counted = _Counted(matmat)
     res = lanczos_eigsh(
-        matmat,
+        counted,
         dim,
         num_vectors,
         which=which,
@@ -195,7 +270,9 @@ def lanczos(
         device=_default_device(device),
         generator=generator,
     )
-    return res.eigenvalues, res.eigenvectors.T
+    return _finish(
+        "lanczos", res, counted.count, tol, return_info, res.eigenvalues, res.eigenvectors.T
+    )
 
 
 #: 0.0.1's other name for :func:`lanczos`.
@@ -216,7 +293,8 @@ def model_eigenvalues(
     which: str = "LM",
     generator: torch.Generator | None = None,
     strategy: str = "auto",
-) -> tuple[Tensor, list[list[Tensor]]]:
+    return_info: bool = False,
+) -> tuple[Tensor, list[list[Tensor]]] | tuple[Tensor, list[list[Tensor]], EigenInfo]:
     r"""Extreme eigenpairs of the Hessian of ``loss_fn(model, data, target)`` w.r.t. the parameters.
 
     The Hessian is never formed: the solver uses Hessian-vector products from the
@@ -241,11 +319,17 @@ def model_eigenvalues(
         generator: Source of the random start (on the parameters' device).
         strategy: How Hessian products are computed (see
             :data:`torch_secorder.core._problem.STRATEGIES`).
+        return_info: Also return an :class:`EigenInfo`: the residual norms
+            :math:`\|H y - \theta y\|` of the pairs (over all parameters,
+            ``y`` of unit norm), their converged flags, and the Hessian-vector
+            products used.
 
     Returns:
         ``(eigenvalues, eigenvectors)``: a ``(num_eigenvalues,)`` tensor and a
         list of ``num_eigenvalues`` eigenvectors, each a list of tensors shaped
-        like ``model.parameters()``.
+        like ``model.parameters()``; with ``return_info=True``,
+        ``(eigenvalues, eigenvectors, info)``.  Without it, a run that ends on
+        ``num_iterations`` before every pair met ``tol`` warns (``RuntimeWarning``).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``loss_fn`` not callable.
@@ -261,6 +345,10 @@ def model_eigenvalues(
         >>> vals, vecs = model_eigenvalues(model, loss, x, torch.zeros(2, 1), 2)
         >>> [round(float(v), 4) for v in vals], len(vecs), vecs[0][0].shape
         ([8.0, 2.0], 2, torch.Size([1, 2]))
+        >>> vals, vecs, info = model_eigenvalues(model, loss, x, torch.zeros(2, 1), 1,
+        ...                                      return_info=True)
+        >>> bool(info.converged[0]), info.matvecs
+        (True, 2)
     """
     check_module(model)
     if not callable(loss_fn):
@@ -291,8 +379,9 @@ def model_eigenvalues(
                 "(it does not require grad): the Hessian is zero, no eigenvalues to compute"
             )
         solver = lanczos_eigsh if method.lower() == "lanczos" else subspace_iteration
+        counted = _Counted(problem.matmat(strategy))
         res: EigenResult = solver(
-            problem.matmat(strategy),
+            counted,
             problem.dim,
             num_eigenvalues,
             which=which,
@@ -310,7 +399,9 @@ def model_eigenvalues(
     if device is not None:
         values = values.to(device)
         vectors = [[t.to(device) for t in vec] for vec in vectors]
-    return values, vectors
+        res = res._replace(residuals=res.residuals.to(device), converged=res.converged.to(device))
+    method_name = "power_iteration" if method.lower() == "power_iteration" else "lanczos"
+    return _finish(method_name, res, counted.count, tol, return_info, values, vectors)
 
 
 #: 0.0.1's other name for :func:`model_eigenvalues`.
