@@ -32,13 +32,16 @@ from torch import Tensor, nn
 from torch_secorder.approximations._fisher import _rows as fisher_rows
 from torch_secorder.approximations._fisher import empirical_sq_sum
 from torch_secorder.approximations.gauss_newton import gauss_newton_matrix_approximation
-from torch_secorder.core._batch_checks import check_batch_device
-from torch_secorder.core._inputs import check_generator, check_num_samples
+from torch_secorder.core._batch_checks import check_batch_device, targets_fit
+from torch_secorder.core._fallback import is_functional_refusal
+from torch_secorder.core._inputs import check_generator, check_loss, check_num_samples
 from torch_secorder.core._problem import module_problem
 from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.core.hessian_diagonal import active_hessian_diagonal
 from torch_secorder.core.hvp import problem_ggn_product
+from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
+from torch_secorder.func.fast_diagonal import ggn_diagonal
 from torch_secorder.linalg.trace import chunk_ranges
 from torch_secorder.operators.base import CurvatureOperator
 
@@ -108,8 +111,10 @@ class GGNOperator(CurvatureOperator):
     Products: per batch, :func:`~torch_secorder.core.hvp.problem_ggn_product`
     vmapped over a chunk of vectors (one vectorised forward pass per chunk), or on
     the autograd graph where ``torch.func`` refuses the model.  Diagonal: per batch,
-    :func:`~torch_secorder.approximations.gauss_newton_matrix_approximation` (the
-    exact fast routes of :func:`torch_secorder.func.ggn_diagonal`).
+    the exact fast routes of :func:`torch_secorder.func.ggn_diagonal` on the
+    operator's parameters only; for a model that draws random numbers or that
+    ``torch.func`` refuses, the routes of
+    :func:`~torch_secorder.approximations.gauss_newton_matrix_approximation`.
 
     Example:
         >>> import torch
@@ -167,6 +172,26 @@ class GGNOperator(CurvatureOperator):
         return max(1, min(V.shape[0], 2**24 // max(1, V.shape[1])))
 
     def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
+        with model_output_problem(self.model, inputs, False, only=self.names) as problem:
+            check_batch_device(problem.params, targets=targets)
+            if problem.active and not problem.rewind.draws_random:
+                # The operator's parameters only: the fast exact routes of ggn_diagonal.
+                loss_fn = self.loss_fn
+                loss_of_out = differentiable(lambda out: loss_fn(out, targets))
+                try:
+                    with torch.no_grad():
+                        out = problem.pure(problem.primals)
+                        with targets_fit(loss_fn, out, targets):
+                            check_loss(loss_of_out(out), "loss_fn(model(inputs), targets)")
+                    diag = ggn_diagonal(
+                        problem.pure, loss_of_out, problem.primals, chunk_size=self.chunk_size
+                    )
+                    return tree_ravel(list(diag))
+                except RuntimeError as exc:
+                    if not is_functional_refusal(exc):
+                        raise
+        # Random draws (one mask for the call) or a model torch.func refuses: the
+        # documented function's routes (columns of J, the autograd graph), all parameters.
         diag = gauss_newton_matrix_approximation(
             self.model, self.loss_fn, inputs, targets, chunk_size=self.chunk_size
         )
