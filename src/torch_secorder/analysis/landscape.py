@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from torch_secorder.core._batch_checks import check_batch_device
+from torch_secorder.core._batch_checks import check_batch_device, check_batch_fits
 from torch_secorder.core._inputs import (
     as_vector_list,
     check_chunk_size,
@@ -89,6 +89,8 @@ def _loss_grid(
         chunk_size = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // n))
 
     with preserved_state(params, model) as rewind, torch.no_grad():
+        rewind()  # the first evaluation: its random draws are replayed in all others
+        check_batch_fits(model, loss_fn, inputs, targets, params, keep_rng=False)
         base = [p.detach() for p in params]
 
         def loss_at(c: Tensor) -> Tensor:

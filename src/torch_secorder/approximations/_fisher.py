@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from torch_secorder.core._batch_checks import check_batch_device
+from torch_secorder.core._batch_checks import check_batch_device, check_batch_fits
 from torch_secorder.core._fallback import has_recurrent_module, is_functional_refusal
 from torch_secorder.core._inputs import check_generator, check_module, check_num_samples
 from torch_secorder.core._purity import preserved_state
@@ -115,6 +115,8 @@ def empirical_sq_sum(
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ELEMENTS // dim)
     with preserved_state(params, model) as rewind:
+        with rewind.evaluation(replay=False):
+            check_batch_fits(model, loss_fn, inputs, targets, params)
         point = {name: p.detach() for name, p in active}
 
         @differentiable

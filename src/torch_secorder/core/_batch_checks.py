@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from torch_secorder.errors import ShapeError
 
-__all__ = ["check_batch_device", "inputs_fit", "targets_fit"]
+__all__ = ["check_batch_device", "check_batch_fits", "inputs_fit", "targets_fit"]
 
 
 def _tensors(data: Any, name: str) -> Iterator[tuple[str, Tensor]]:
@@ -191,6 +191,46 @@ def targets_fit(loss_fn: Callable, output: Any, targets: Any) -> Iterator[None]:
             raise _mismatch(loss_fn, output, targets, str(w.message))
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def check_batch_fits(
+    model: nn.Module,
+    loss_fn: Callable,
+    inputs: Any,
+    targets: Any,
+    params: Sequence[Tensor],
+    keep_rng: bool = True,
+) -> None:
+    """One plain forward pass of ``loss_fn(model(inputs), targets)`` checking the batch.
+
+    For routes without a validating forward of their own (per-sample gradients,
+    loss landscapes): an input dtype that does not fit the parameters' raises a
+    ``TypeError`` (:func:`inputs_fit`), a target that does not fit the output a
+    :class:`~torch_secorder.errors.ShapeError` (:func:`targets_fit`).  Runs without
+    autograd; with ``keep_rng`` the global RNG is left where it was (else the pass
+    draws from it as a plain forward does), and the caller runs it under
+    :func:`~torch_secorder.core._purity.preserved_state` so that buffers stay as
+    they were.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> check_batch_fits(model, torch.nn.functional.mse_loss, torch.zeros(4, 3),
+        ...                  torch.zeros(4, 3), list(model.parameters()))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        torch_secorder.errors.ShapeError: targets of shape (4, 3) do not fit the output of shape (4, 2)...
+    """
+    import torch
+
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    devices = [p.device for p in params if p.device.type == "cuda"]
+    rng = torch.random.fork_rng(devices=devices) if keep_rng else contextlib.nullcontext()
+    with torch.no_grad(), rng:
+        with inputs_fit(params, inputs):
+            output = model(*args)
+        with targets_fit(loss_fn, output, targets):
+            loss_fn(output, targets)
 
 
 def loss_of_output(loss_fn: Callable, targets: Any) -> Callable[[Any], Tensor]:
