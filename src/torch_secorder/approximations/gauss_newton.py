@@ -36,14 +36,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from torch_secorder._checks import check_chunk_size
 from torch_secorder.core._batch_checks import check_batch_device, inputs_fit, targets_fit
 from torch_secorder.core._fallback import is_functional_refusal
 from torch_secorder.core._graph_ggn import graph_ggn_diagonal
 from torch_secorder.core._inputs import check_loss, check_module
-from torch_secorder.core._purity import preserved_state
+from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
 from torch_secorder.func.fast_diagonal import ggn_diagonal
@@ -114,7 +114,12 @@ class _GGNProblem:
 def _ggn_problem(
     model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Any, targets: Any
 ) -> Iterator[_GGNProblem]:
-    """Check the arguments, run one forward pass, and keep the user's state while in use."""
+    """Check the arguments, run one forward pass, and keep the user's state while in use.
+
+    The model as a function of its parameters is the engine's one adapter,
+    :func:`~torch_secorder.core.gvp.model_output_problem` (state preserved, one
+    evaluation's buffers and random draws for every later one).
+    """
     check_module(model)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -122,40 +127,30 @@ def _ggn_problem(
     params = [p for _, p in named]
     check_batch_device(params, inputs=inputs, targets=targets)
     active = [(name, p) for name, p in named if p.requires_grad]
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    with preserved_state(params, model) as rewind:
-        # One evaluation of the model: the same buffers and random draws every time.
-        # (An ``evaluation()`` block where preserved_state offers one, so that the
-        # evaluation ends with the call; else a plain rewind at its start.)
-        evaluation = getattr(rewind, "evaluation", None)
+    if not active:
+        # Nothing to differentiate: the callers warn or raise.
+        yield _GGNProblem([], [], lambda values: model(inputs), lambda out: out, 0, False)
+        return
+    with model_output_problem(model, inputs, False) as problem:
+        names = [name for name, _ in active]
+        pure = problem.pure
 
-        @differentiable  # forward-mode through attention needs the math kernel
         def out_fn(values: dict[str, Tensor]) -> Tensor:
-            if evaluation is None:
-                rewind()
-                return functional_call(model, values, args)
-            with evaluation():
-                return functional_call(model, values, args)
+            return pure(tuple(values[name] for name in names))
 
         loss_of_out = differentiable(lambda out: loss_fn(out, targets))
-        like = active[0][1] if active else (params[0] if params else None)
-        device = like.device if like is not None else torch.device("cpu")
-        before = _rng_states(device)
         with torch.no_grad():
             with inputs_fit(params, inputs):  # a dtype unlike the parameters': both named
-                probe = out_fn({name: p for name, p in active})
-            if not isinstance(probe, Tensor):
-                raise TypeError(f"model(inputs) must return a tensor, got {type(probe).__name__}")
+                probe = out_fn(dict(active))
             with targets_fit(loss_fn, probe, targets):  # both shapes named
                 check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
-        after = _rng_states(device)
         yield _GGNProblem(
-            names=[name for name, _ in active],
+            names=names,
             active=[p for _, p in active],
             out_fn=out_fn,
             loss_of_out=loss_of_out,
             m=probe.numel(),
-            draws_random=any(not torch.equal(a, b) for a, b in zip(before, after)),
+            draws_random=problem.rewind.draws_random,
         )
 
 
