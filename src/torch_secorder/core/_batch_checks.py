@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -219,10 +220,8 @@ def check_batch_fits(
         ...                  torch.zeros(4, 3), list(model.parameters()))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        torch_secorder.errors.ShapeError: targets of shape (4, 3) do not fit the output of shape (4, 2)...
+        torch_secorder.errors.ShapeError: targets of shape (4, 3) do not fit ... (4, 2)...
     """
-    import torch
-
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     devices = [p.device for p in params if p.device.type == "cuda"]
     rng = torch.random.fork_rng(devices=devices) if keep_rng else contextlib.nullcontext()
