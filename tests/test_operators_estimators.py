@@ -153,3 +153,15 @@ def test_ggn_operator_is_positive_semidefinite_for_xnystrace_users():
     _, _, batches = _data(2, [3, 2], d_out=3, kind="ce")
     G = GGNOperator(model, nn.CrossEntropyLoss(), batches)
     assert torch.linalg.eigvalsh(_dense(G)).min() > -1e-12
+
+
+def test_targets_none_stays_a_one_batch_call():
+    model = make_mlp([2, 3, 1], "tanh", 0)
+    X, _, _ = _data(0, [4])
+
+    def loss_fn(out, targets):  # a loss that ignores its targets
+        return out.pow(2).mean()
+
+    H = HessianOperator(model, loss_fn, [(X, torch.zeros(4))], reduction="mean")
+    assert_close(model_hessian_trace(model, loss_fn, X, None), H.trace())
+    assert_close(model_hessian_diagonal(model, loss_fn, X, None), H.unflatten(H.diagonal()))

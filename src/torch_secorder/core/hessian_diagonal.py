@@ -37,6 +37,20 @@ from torch_secorder.func import fast_diagonal as _fast
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
 
 
+class _NoBatch:
+    """Default of ``inputs`` and ``targets`` where ``data=`` may stand in for them.
+
+    Not ``None``: ``None`` is a valid ``targets`` for a loss that ignores them.
+    """
+
+    def __repr__(self) -> str:
+        return "<required unless data= is given>"
+
+
+#: The value of ``inputs``/``targets`` not given (the ``data=`` form).
+NO_BATCH: Any = _NoBatch()
+
+
 def _rng_states(device: torch.device) -> list[Tensor]:
     states = [torch.get_rng_state()]
     if device.type == "cuda":
@@ -142,8 +156,8 @@ def hessian_diagonal(
 def model_hessian_diagonal(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Any = None,
-    targets: Any = None,
+    inputs: Any = NO_BATCH,
+    targets: Any = NO_BATCH,
     create_graph: bool = False,
     strict: bool = False,
     *,
@@ -192,7 +206,7 @@ def model_hessian_diagonal(
         [tensor([[2., 8.]])]
     """
     check_chunk_size(chunk_size)
-    if data is not None or inputs is None or targets is None:
+    if data is not None or inputs is NO_BATCH or targets is NO_BATCH:
         from torch_secorder.operators import _convenience  # operators import core
 
         _convenience.data_or_batch(

@@ -25,7 +25,7 @@ from torch_secorder.core._inputs import (
     check_num_samples,
 )
 from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
-from torch_secorder.core.hessian_diagonal import active_hessian_diagonal
+from torch_secorder.core.hessian_diagonal import NO_BATCH, active_hessian_diagonal
 from torch_secorder.linalg.trace import TraceEstimate
 
 __all__ = [
@@ -172,8 +172,8 @@ def hessian_trace_estimate(
 def model_hessian_trace(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Any = None,
-    targets: Any = None,
+    inputs: Any = NO_BATCH,
+    targets: Any = NO_BATCH,
     num_samples: int | None = None,
     create_graph: bool = False,
     strict: bool = False,
@@ -237,8 +237,8 @@ def model_hessian_trace(
 def model_hessian_trace_estimate(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Any = None,
-    targets: Any = None,
+    inputs: Any = NO_BATCH,
+    targets: Any = NO_BATCH,
     num_samples: int | None = None,
     create_graph: bool = False,
     strict: bool = False,

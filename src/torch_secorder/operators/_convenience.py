@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.core._inputs import check_generator, check_num_samples, warn_zero_result
+from torch_secorder.core.hessian_diagonal import NO_BATCH
 from torch_secorder.linalg.trace import TraceEstimate, hutchinson
 from torch_secorder.operators.curvature import HessianOperator
 
@@ -22,12 +23,12 @@ def data_or_batch(name: str, inputs: Any, targets: Any, data: Any, **unsupported
     does not take (``create_graph``, ``strict``): they must be ``False`` with ``data``.
     """
     if data is None:
-        if inputs is None or targets is None:
+        if inputs is NO_BATCH or targets is NO_BATCH:
             raise TypeError(
                 f"{name}() needs inputs and targets (one batch), or data= (a batch or a DataLoader)"
             )
         return False
-    if inputs is not None or targets is not None:
+    if inputs is not NO_BATCH or targets is not NO_BATCH:
         raise TypeError(
             f"{name}(): pass either inputs and targets or data=, not both (data= is one "
             "(inputs, targets) batch or an iterable of batches)"
