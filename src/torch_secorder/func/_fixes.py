@@ -40,6 +40,12 @@ forward-over-reverse AD and double backward:
   clamp of the logarithms at -100 of the binary cross-entropy).  The other
   losses of ``torch.nn.functional`` have exact derivatives of every order.
 
+* ``F.hardsigmoid`` (``nn.Hardsigmoid``): no forward-mode AD of its backward;
+  computed as ``F.hardtanh(x + 3, 0, 6) / 6`` (the same values, the slope 1/6
+  strictly inside ``(-3, 3)`` as torch's).  ``F.rrelu`` in eval mode
+  (``nn.RReLU().eval()``): ``rrelu_with_noise`` has no batching rule; in eval mode
+  it is the leaky ReLU of slope ``(lower + upper) / 2``, and computed so.
+
 Dropout is not rerouted: torch's own kernels run (``bernoulli_`` in the input's
 memory order on CPU, ``native_dropout`` on CUDA), so the first evaluation of a
 loss draws exactly the mask a plain forward pass draws; the wrappers record
@@ -165,6 +171,22 @@ def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
         # (An empty tuple of dims would make ``sum`` reduce every dimension.)
         norm = ((v * v).sum(others, keepdim=True) if others else v * v).sqrt()
     return v * (g / norm)
+
+
+def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
+    return F.hardtanh(input + 3.0, 0.0, 6.0) / 6.0
+
+
+def _rrelu(
+    input: Tensor,
+    lower: float = 1.0 / 8,
+    upper: float = 1.0 / 3,
+    training: bool = False,
+    inplace: bool = False,
+) -> Tensor:
+    if training:  # random slopes: torch's own kernel draws them
+        return F.rrelu(input, lower, upper, training, inplace)
+    return F.leaky_relu(input, (lower + upper) / 2)
 
 
 # ------------------------------------------------------------------------- losses
@@ -296,6 +318,8 @@ _REROUTES = {
     F.batch_norm: _batch_norm,
     F.instance_norm: _instance_norm,
     torch._weight_norm: _weight_norm,
+    F.hardsigmoid: _hardsigmoid,
+    F.rrelu: _rrelu,
     F.huber_loss: _huber_loss,
     F.soft_margin_loss: _soft_margin_loss,
     F.binary_cross_entropy: _binary_cross_entropy,
