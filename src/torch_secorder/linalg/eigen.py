@@ -220,7 +220,7 @@ def _extend_basis(
 
 
 def _default_ncv(dim: int, k: int, block_size: int) -> int:
-    return min(dim, max(2 * k + 20 + block_size, 3 * k + 2 * block_size, 40))
+    return min(dim, max(2 * k + 20 + block_size, 3 * k + 2 * block_size, 50))
 
 
 def lanczos_eigsh(
@@ -258,8 +258,8 @@ def lanczos_eigsh(
     confirm it.
 
     When the basis reaches ``ncv`` vectors it is restarted thickly (Wu & Simon
-    2000; Stewart's Krylov-Schur): the most wanted Ritz vectors (``k`` and about
-    half of the others, at the wanted end of the spectrum) are kept with their
+    2000; Stewart's Krylov-Schur): the most wanted Ritz vectors (``k`` and a third
+    of the others, at the wanted end of the spectrum) are kept with their
     products, :math:`H` becomes diagonal with an arrow coupling to :math:`Q`, and
     the expansion continues.  Converged wanted pairs are always among those kept.
 
@@ -288,7 +288,7 @@ def lanczos_eigsh(
         v0: Start vector ``(n,)`` or start block ``(block_size, n)``; random
             Gaussian if ``None``.
         ncv: Largest basis size before a thick restart (default
-            ``min(n, max(2k + 20 + block_size, 3k + 2 block_size, 40))``); at least
+            ``min(n, max(2k + 20 + block_size, 3k + 2 block_size, 50))``); at least
             ``k + 2 * block_size`` unless it is ``n``.
         block_size: Number of vectors multiplied at once (block Lanczos).
 
@@ -413,7 +413,7 @@ def lanczos_eigsh(
             break
         grow = min(b, dim - m - t)  # rows the next step adds
         if m + t + grow > cap:  # thick restart: keep the most wanted Ritz vectors
-            keep = min(k + (m - k) // 2, cap - t - grow)
+            keep = min(k + (m - k) // 3, cap - t - grow)
             order = _select(theta, keep, which)
             Sk = S[:, order]
             St = Sk.T.to(dtype=dtype, device=device)
