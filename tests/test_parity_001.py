@@ -13,10 +13,13 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from torch_secorder import (
+    UnsupportedShapeError,
     approximate_hvp,
     create_random_direction,
     exact_hvp,
     gauss_newton_matrix_approximation,
+    generalized_fisher_diagonal,
+    generalized_fisher_trace,
     hessian_diagonal,
     per_layer_fisher_diagonal,
     per_layer_hessian_diagonal,
@@ -67,6 +70,17 @@ def test_runtime_error_handlers_still_catch():
         hessian_diagonal(lambda: (x**2).sum() * frozen.sum(), [x, frozen], strict=True)
     with pytest.raises(ValueError):  # and the rule of this package
         hessian_diagonal(lambda: (x**2).sum() * frozen.sum(), [x, frozen], strict=True)
+
+
+@pytest.mark.parametrize("fn", [generalized_fisher_diagonal, generalized_fisher_trace])
+def test_type2_fisher_of_1d_logits_is_not_implemented_as_in_001(fn):
+    """0.0.1 raised NotImplementedError for (batch,) outputs with loss_type="nll"."""
+    model = nn.Linear(4, 3)
+    outputs = torch.randn(10, requires_grad=True)
+    targets = torch.randint(0, 3, (10,))
+    for caught in (NotImplementedError, ValueError, RuntimeError, UnsupportedShapeError):
+        with pytest.raises(caught, match=r"\(10,\)"):
+            fn(model, outputs, targets, loss_type="nll")
 
 
 def test_gauss_newton_matrix_approximation_format_and_scale():

@@ -16,7 +16,7 @@ from torch_secorder import analysis, approximations, core, func, linalg, operato
 from torch_secorder.analysis import *  # noqa: F401,F403
 from torch_secorder.approximations import *  # noqa: F401,F403
 from torch_secorder.core import *  # noqa: F401,F403
-from torch_secorder.errors import ShapeError, StrictError
+from torch_secorder.errors import ShapeError, StrictError, UnsupportedShapeError
 from torch_secorder.operators import (
     CurvatureOperator,
     EmpiricalFisherOperator,
@@ -41,6 +41,7 @@ __all__ = [
     "FisherOperator",
     "ShapeError",
     "StrictError",
+    "UnsupportedShapeError",
     *core.__all__,
     *approximations.__all__,
     *analysis.__all__,

@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ShapeError", "StrictError"]
+__all__ = ["ShapeError", "StrictError", "UnsupportedShapeError"]
 
 
 class ShapeError(ValueError, RuntimeError):
@@ -39,4 +39,13 @@ class StrictError(ValueError, RuntimeError):
 
     Both a ``ValueError`` and a ``RuntimeError`` (0.0.1 raised the latter, with
     torch's message "One of the differentiated Tensors does not require grad").
+    """
+
+
+class UnsupportedShapeError(ShapeError, NotImplementedError):
+    """An output shape that the quantity is not defined for here: the type-2
+    Fisher of ``loss_type="nll"`` needs ``(batch, classes)`` logits.
+
+    A :class:`ShapeError` (so a ``ValueError`` and a ``RuntimeError``) and a
+    ``NotImplementedError``, which 0.0.1 raised for such outputs.
     """

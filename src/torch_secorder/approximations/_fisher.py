@@ -28,6 +28,7 @@ from torch_secorder.core._batch_checks import check_batch_device, check_batch_fi
 from torch_secorder.core._fallback import has_recurrent_module, is_functional_refusal
 from torch_secorder.core._inputs import check_generator, check_module, check_num_samples
 from torch_secorder.core._purity import preserved_state
+from torch_secorder.errors import UnsupportedShapeError
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.linalg.trace import chunk_ranges
 
@@ -177,7 +178,7 @@ def _check_outputs(model: nn.Module, outputs: Any, targets: Any, kind: str) -> N
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if kind == "ce":
         if outputs.ndim != 2:
-            raise ValueError(
+            raise UnsupportedShapeError(
                 f"outputs must be (batch, classes) logits for loss_type 'nll', "
                 f"got shape {tuple(outputs.shape)}"
             )
