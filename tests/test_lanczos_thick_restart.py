@@ -46,7 +46,7 @@ def tolerance_bound(theta: torch.Tensor, tol: float, anorm: float) -> torch.Tens
     return relative.clamp_min(ROUNDING_FLOOR * EPS * anorm)
 
 
-def check_against_oracle(A, res, k, which, tol):
+def check_against_oracle(A, res, k, which, tol, may_stall=False):
     eigs = torch.linalg.eigvalsh(A)
     anorm = float(eigs.abs().max())
     Y, theta = res.eigenvectors, res.eigenvalues
@@ -60,6 +60,8 @@ def check_against_oracle(A, res, k, which, tol):
     b = tolerance_bound(theta, tol, anorm)
     clear = (res.residuals - b).abs() > 1e-3 * b
     assert torch.equal(res.converged[clear], (res.residuals <= b)[clear])
+    if may_stall and not bool(res.converged.all()):
+        return  # reported truthfully above; nothing more is promised
     assert bool(res.converged.all())
     # the wanted eigenvalues, within the residual (spectral norm <= Frobenius norm)
     slack = float(R.norm()) + 1e-12 * anorm
@@ -103,6 +105,7 @@ def problems(draw):
     k = draw(st.integers(1, n))
     which = draw(st.sampled_from(["LA", "SA", "LM"]))
     block_size = draw(st.integers(mult, max(mult, 3)))
+    # None: no restart for n <= 50; the other: a small basis, restarted thickly
     ncv = draw(st.sampled_from([None, k + 2 * block_size + 2]))
     seed = draw(st.integers(0, 2**31 - 1))
     return values, k, which, block_size, ncv, seed
@@ -115,6 +118,7 @@ def test_eigenpairs_equal_eigh(problem):
     A = with_spectrum(values, seed)
     n = A.shape[0]
     tol = 1e-9
+    max_iter = 100 * n + 1000
     res = lanczos_eigsh(
         lambda V: V @ A,
         n,
@@ -125,9 +129,14 @@ def test_eigenpairs_equal_eigh(problem):
         generator=torch.Generator().manual_seed(seed),
         ncv=ncv,
         block_size=block_size,
-        max_iter=100 * n + 1000,
+        max_iter=max_iter,
     )
-    check_against_oracle(A, res, k, which, tol)
+    # A small restarted basis can stall on a tight cluster (relative gaps 1e-4) before
+    # tol: it must then say so, after using every product it was allowed.
+    restarted = ncv is not None and ncv < n
+    if not bool(res.converged.all()):
+        assert restarted and res.iterations == max_iter
+    check_against_oracle(A, res, k, which, tol, may_stall=restarted)
 
 
 def hessian_like(n: int, seed: int = 0) -> torch.Tensor:

@@ -170,12 +170,15 @@ def ritz_pairs(
 
 
 def _extend_basis(
-    W: Tensor, V: Tensor, thresh: float, generator: torch.Generator | None
+    W: Tensor, V: Tensor, scale: Tensor, thresh: float, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor, bool]:
     """Orthonormal rows ``Q`` and upper-triangular ``R`` with ``W = R^T Q`` (``W ⟂ V``).
 
-    Column-by-column Gram-Schmidt (twice) of the rows of ``W`` against ``V`` and the
-    rows already accepted.  A row whose remainder is at most ``thresh`` has no new
+    The rows of ``W`` come already orthogonalised twice against ``V`` from rows of
+    norms ``scale``.  Column-by-column Gram-Schmidt (twice) of them against the rows
+    already accepted; where a row lost most of its norm in all this (cancellation),
+    one more pass against ``V`` and the rows (Daniel, Gragg, Kaufman, Stewart 1976).
+    A row whose remainder is at most ``thresh`` has no new
     direction (an invariant subspace of ``A`` was reached): it is replaced by a random
     direction orthogonal to everything, with a zero coupling (the remainder, at most
     ``thresh``, is dropped).  Where the whole space is spanned, no row is added.
@@ -187,14 +190,20 @@ def _extend_basis(
     for j in range(W.shape[0]):
         x = W[j]
         c = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
-        for _ in range(2):
+        for _ in range(2 if rows else 0):
+            Qs = torch.stack(rows)
+            d = Qs @ x
+            x = x - Qs.T @ d
+            c[: len(rows)] += d
+        nrm = x.norm()
+        if float(nrm) < 0.5 * float(scale[j]):
             x = x - V.T @ (V @ x)
             if rows:
                 Qs = torch.stack(rows)
                 d = Qs @ x
                 x = x - Qs.T @ d
                 c[: len(rows)] += d
-        nrm = x.norm()
+            nrm = x.norm()
         if float(nrm) > thresh:
             c[len(rows)] = nrm
             rows.append(x / nrm)
@@ -378,6 +387,7 @@ def lanczos_eigsh(
         W = _apply(matmat, V[block])
         matvecs += use
         AV[block] = W
+        scale = W.norm(dim=1)
         basis = V[: m + t]
         C = basis @ W.T  # (m + t, use): the new columns of H
         W = W - C.T @ basis
@@ -394,7 +404,7 @@ def lanczos_eigsh(
             coupling = torch.zeros(0, m, dtype=torch.float64)
             breakdown = False
         else:
-            Q, R, breakdown = _extend_basis(W, V[:m], thresh, generator)
+            Q, R, breakdown = _extend_basis(W, V[:m], scale, thresh, generator)
             t = Q.shape[0]
             V[m : m + t] = Q
             coupling = torch.zeros(t, m, dtype=torch.float64)
