@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_mlp
+from conftest import assert_close, make_mlp
 from torch import nn
 
 from torch_secorder.operators import (
@@ -106,3 +106,33 @@ def test_bad_arguments():
     model32 = make_mlp([2, 3, 2], "tanh", 0).float()
     with pytest.raises(ValueError, match="data is on meta"):
         HessianOperator(model32, nn.MSELoss(), [(torch.ones(2, 2, device="meta"),) * 2])
+
+
+class _CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, X, Y):
+        self.X, self.Y, self.reads = X, Y, 0
+
+    def __len__(self):
+        return self.X.shape[0]
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.X[i], self.Y[i]
+
+
+def test_a_dataloader_is_counted_without_a_pass_and_checked_during_one():
+    model, batches = _setup()
+    X = torch.cat([b[0] for b in batches])
+    Y = torch.cat([b[1] for b in batches])
+    dataset = _CountingDataset(X, Y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True)
+    A = HessianOperator(model, nn.MSELoss(), loader)
+    assert (A.num_samples, A.batches.num_batches, dataset.reads) == (5, 3, 0)
+    B = HessianOperator(model, nn.MSELoss(), batches)
+    assert_close(A.trace(), B.trace())  # shuffled batches, the same mean over 5 samples
+    dropping = torch.utils.data.DataLoader(dataset, batch_size=2, drop_last=True)
+    assert HessianOperator(model, nn.MSELoss(), dropping).num_samples == 4  # counted by a pass
+    meta = _CountingDataset(X.to("meta"), Y.to("meta"))
+    A = HessianOperator(model, nn.MSELoss(), torch.utils.data.DataLoader(meta, batch_size=2))
+    with pytest.raises(ValueError, match="batch 0 of data: .*meta"):
+        A.trace()

@@ -3,7 +3,8 @@ r"""The data an operator is defined over: batches, their sizes, and the loss's r
 ``data`` is one ``(inputs, targets)`` batch or a re-iterable collection of them (a
 list, a :class:`torch.utils.data.DataLoader`).  :class:`Batches` checks every batch
 (a pair; tensors; one dtype and one device for all batches), counts the samples
-:math:`N = \sum_b N_b` in a first pass, and yields ``(index, inputs, targets)``.
+:math:`N = \sum_b N_b` (from the length of a ``DataLoader``'s sampler where the
+loader batches them itself, else in a first pass), and yields the batches.
 
 The loss over the data set, for batches :math:`b` of :math:`N_b` samples with batch
 losses :math:`L_b` (``loss_fn(model(inputs_b), targets_b)``):
@@ -137,6 +138,27 @@ def _unpack(batch: Any, index: int) -> tuple[Any, Tensor, int]:
     return inputs, targets, int(first.shape[0])
 
 
+def _loader_counts(data: Any) -> tuple[int, int] | None:
+    """``(N, batches)`` of a map-style ``DataLoader`` without a pass, else ``None``.
+
+    Only for the loader's own batching (a ``BatchSampler`` keeping the last short
+    batch, no custom ``collate_fn`` that could change the batch size): ``N`` is
+    the length of its sampler (``len(dataset)`` for sequential and shuffled
+    sampling).  Anything else is counted in a first pass.
+    """
+    from torch.utils.data import BatchSampler, DataLoader
+    from torch.utils.data.dataloader import default_collate
+
+    if not isinstance(data, DataLoader) or not isinstance(data.batch_sampler, BatchSampler):
+        return None
+    if data.batch_sampler.drop_last or data.collate_fn is not default_collate:
+        return None
+    try:
+        return len(data.batch_sampler.sampler), len(data)
+    except TypeError:  # an iterable-style dataset or sampler without a length
+        return None
+
+
 class Batches:
     """The batches of ``data``, checked and counted (see the module doc).
 
@@ -166,13 +188,19 @@ class Batches:
             self._source = data
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
-        self.num_samples = 0
-        self.num_batches = 0
-        for _index, _inputs, _targets, size in self.sized():
-            self.num_samples += size
-            self.num_batches += 1
-        if self.num_batches == 0:
+        self._expected: int | None = None
+        counted = _loader_counts(self._source)
+        if counted is not None:  # no pass over the data needed to count
+            self.num_samples, self.num_batches = counted
+        else:
+            self.num_samples = 0
+            self.num_batches = 0
+            for _index, _inputs, _targets, size in self.sized():
+                self.num_samples += size
+                self.num_batches += 1
+        if self.num_batches == 0 or self.num_samples == 0:
             raise ValueError("data is empty: it yielded no batch")
+        self._expected = self.num_samples
 
     def _check_alike(self, index: int, inputs: Any, targets: Tensor) -> None:
         tensors = _tensors(inputs, targets)
@@ -199,8 +227,19 @@ class Batches:
             )
 
     def sized(self) -> Iterator[tuple[int, Any, Tensor, int]]:
-        """Yield ``(index, inputs, targets, size)`` for every batch, checked."""
+        """Yield ``(index, inputs, targets, size)`` for every batch, checked.
+
+        The sizes must add up to :attr:`num_samples` where it was read from the
+        loader without a pass (an error otherwise, at the end of the pass).
+        """
+        total = 0
         for index, batch in enumerate(self._source):
             inputs, targets, size = _unpack(batch, index)
             self._check_alike(index, inputs, targets)
+            total += size
             yield index, inputs, targets, size
+        if self._expected is not None and total != self._expected:
+            raise ValueError(
+                f"data yielded {total} samples, but {self.num_samples} were counted when the "
+                "operator was built (the loader changed size?)"
+            )
