@@ -125,11 +125,11 @@ def run_eigsh(matmat, n, k, which, tol, v0, max_matvecs, ncv=None):
         return matmat(v[None])[0].numpy()
 
     op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
+    # ARPACK's maxiter counts restarts, each of about ncv - k products
+    restarts = max(1, max_matvecs // max(1, (ncv or min(n, max(2 * k + 1, 20))) - k))
     start = time.perf_counter()
     try:
-        vals, vecs = eigsh(
-            op, k=k, which=which, tol=tol, v0=v0.numpy(), ncv=ncv, maxiter=max_matvecs
-        )
+        vals, vecs = eigsh(op, k=k, which=which, tol=tol, v0=v0.numpy(), ncv=ncv, maxiter=restarts)
         ok = True
     except ArpackNoConvergence as err:
         vals, vecs, ok = err.eigenvalues, err.eigenvectors, False
@@ -151,7 +151,7 @@ def main() -> None:
         "--max-matvecs",
         type=int,
         default=3000,
-        help="cap on products for both (eigsh: maxiter restarts, i.e. more products)",
+        help="cap on products (eigsh: maxiter = cap // (ncv - k) restarts)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
