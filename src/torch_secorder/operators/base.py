@@ -295,9 +295,7 @@ class CurvatureOperator:
 
         def apply(X: Any) -> Any:
             block = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
-            vector = block.ndim == 1
-            result = self @ (block if vector else block)
-            return result.detach().cpu().numpy().astype(dtype, copy=False)
+            return (self @ block).detach().cpu().numpy().astype(dtype, copy=False)
 
         def apply_matvec(x: Any) -> Any:
             return apply(np.asarray(x).reshape(-1))
