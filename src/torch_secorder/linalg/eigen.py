@@ -389,11 +389,28 @@ def lanczos_eigsh(
         AV[block] = W
         scale = W.norm(dim=1)
         basis = V[: m + t]
-        C = basis @ W.T  # (m + t, use): the new columns of H
+        # Local step first: the rows coupled to the block (the previous block, or the
+        # kept Ritz vectors after a restart) and the block itself hold the large
+        # components of A V[block]; then full reorthogonalisation against the basis,
+        # a second pass only where the first removed much (Daniel et al. 1976).
+        local = torch.cat(
+            [
+                torch.nonzero(coupling.abs().sum(0) > 0).flatten(),
+                torch.arange(m, m + t),
+            ]
+        ).to(V.device)
+        Vl = V[local]
+        Cl = Vl @ W.T
+        W = W - Cl.T @ Vl
+        before = W.norm(dim=1)
+        C = basis @ W.T  # (m + t, use): the new columns of H, with Cl below
         W = W - C.T @ basis
-        C2 = basis @ W.T
-        W = W - C2.T @ basis
-        C = (C + C2).to(dtype=torch.float64, device="cpu")
+        if bool((W.norm(dim=1) < 0.7 * before).any()):
+            C2 = basis @ W.T
+            W = W - C2.T @ basis
+            C = C + C2
+        C[local] += Cl
+        C = C.to(dtype=torch.float64, device="cpu")
         H[: m + t, block] = C
         H[block, : m + t] = C.T
         m += use
