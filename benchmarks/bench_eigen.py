@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -148,6 +149,12 @@ def main() -> None:
     parser.add_argument("--problems", default="dense-500,dense-1500,dense-3000,mlp,cnn")
     parser.add_argument("--eigsh-ncv", choices=["default", "same"], default="default")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each solver, interleaved (ours, eigsh, ours, ...); median times",
+    )
+    parser.add_argument(
         "--max-matvecs",
         type=int,
         default=3000,
@@ -182,9 +189,14 @@ def main() -> None:
         for which in args.which.split(","):
             for k in (int(s) for s in args.ks.split(",")):
                 cap = args.max_matvecs
-                vo, Vo, mo, to, ok = run_ours(matmat, n, k, which, args.tol, v0, cap)
                 ncv = _default_ncv(n, k, 1) if args.eigsh_ncv == "same" else None
-                ve, Ve, me, te, oke = run_eigsh(matmat, n, k, which, args.tol, v0, cap, ncv)
+                times_o, times_e = [], []
+                for _ in range(args.repeats):
+                    vo, Vo, mo, to, ok = run_ours(matmat, n, k, which, args.tol, v0, cap)
+                    ve, Ve, me, te, oke = run_eigsh(matmat, n, k, which, args.tol, v0, cap, ncv)
+                    times_o.append(to)
+                    times_e.append(te)
+                to, te = statistics.median(times_o), statistics.median(times_e)
                 ro = float(true_residuals(matmat, vo, Vo).max())
                 re = float(true_residuals(matmat, ve, Ve).max())
                 gap = float((vo.sort().values - ve.sort().values).abs().max())
