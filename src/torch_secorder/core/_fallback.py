@@ -8,7 +8,8 @@ autograd graph:
   ``torch.autograd.Function`` (``forward(ctx, ...)`` without ``setup_context``),
   which includes the hooks of ``Module.register_full_backward_hook`` (BackPACK's
   ``extend``, Captum) and reentrant checkpointing; saved-tensor hooks
-  (``torch.utils.checkpoint(..., use_reentrant=False)``);
+  (``torch.utils.checkpoint(..., use_reentrant=False)``); an operator without a
+  batching rule (training-mode ``F.rrelu``);
 * refused by the graph route (:func:`is_graph_refusal`): ``torch.compile``'s
   ``aot_autograd``, which has no double backward;
 * refused by ``vmap`` of per-sample gradients: the recurrent kernels of
@@ -41,6 +42,9 @@ FUNCTIONAL_REFUSALS = (
     "(vmap, grad, jvp, jacrev, ...), it must override the setup_context staticmethod",
     # torch/_functorch/vmap.py, doesnt_support_saved_tensors_hooks
     "torch.func.{grad, vjp, jacrev, hessian} don't yet support saved tensor hooks",
+    # an operator without a batching rule (training-mode rrelu_with_noise)
+    "vmap: we do not yet support aten::",
+    "Batching rule not implemented for aten::",
 )
 
 #: Fragments of the messages with which a double backward is refused.

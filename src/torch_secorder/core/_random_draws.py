@@ -77,7 +77,8 @@ class RandomDraws(TorchDispatchMode):
     the ``k``-th recorded result (written into its output, broadcast over a vmapped
     batch), and draws nothing.  ``native_dropout`` (the fused CUDA dropout) replays
     its mask, and vmap's form of it (``bernoulli_`` of the mask) takes that mask.  A
-    draw of another kind, or of a shape that does not fit, raises: the loss does not
+    training-mode ``rrelu_with_noise`` replays its slopes (its output is the input
+    times them).  A draw of another kind, or of a shape that does not fit, raises: the loss does not
     draw the same random numbers in every evaluation.  (An operator whose values
     depend on tensor arguments, ``torch.normal(mean, std)`` with tensors, replays
     the values of the first evaluation.)
@@ -106,6 +107,8 @@ class RandomDraws(TorchDispatchMode):
             out = func(*args, **kwargs)
             if func.overloadpacket is torch.ops.aten.native_dropout:
                 self.records.append((func, out[1].clone()))
+            elif func.overloadpacket is torch.ops.aten.rrelu_with_noise:
+                self.records.append((func, args[1].clone()))  # the slopes it drew
             elif _writes_first_argument(func):
                 self.records.append((func, args[0].clone()))
             else:
@@ -125,6 +128,13 @@ class RandomDraws(TorchDispatchMode):
                 f"evaluation drew with {recorded_func}: the loss does not draw the same random "
                 "numbers in every evaluation, so its curvature is undefined"
             )
+        if recorded_func.overloadpacket is torch.ops.aten.rrelu_with_noise:
+            # training-mode RReLU: the output is the input times the slopes drawn (1 where
+            # the input is positive); the slopes go into its ``noise`` argument, which
+            # its backward reads, so derivatives with respect to the input stay exact.
+            noise = args[1]
+            noise.copy_(_fit(recorded, noise.shape, func))
+            return args[0] * noise
         if recorded_func.overloadpacket is torch.ops.aten.native_dropout:
             # the fused dropout: replay its (boolean) mask
             mask = recorded
