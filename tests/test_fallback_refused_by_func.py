@@ -11,9 +11,9 @@ Three kinds of model that torch.func refuses, each the same function as a plain
   ``use_reentrant=False`` (saved-tensor hooks).
 
 Every quantity (HVP on every strategy, exact diagonal, exact and Hutchinson trace,
-GGN product, eigenvalues, loss landscape) is checked against the dense float64
-oracle of the plain network; an error that is not torch.func's refusal is raised
-as it is.
+GGN product, Jacobian-vector product, eigenvalues, loss landscape) is checked
+against the dense float64 oracle of the plain network; an error that is not
+torch.func's refusal is raised as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch_secorder.analysis.landscape import compute_loss_surface_1d
 from torch_secorder.approximations.gauss_newton import gauss_newton_matrix_approximation
 from torch_secorder.core import hvp as hvp_api
 from torch_secorder.core._problem import STRATEGIES, module_problem
+from torch_secorder.core.gvp import jvp, model_jvp
 from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.core.hessian_trace import (
     hessian_trace,
@@ -416,4 +417,19 @@ def test_a_model_whose_fast_diagonal_routes_are_refused():
         gauss_newton_matrix_approximation(model, F.cross_entropy, X, Y),
         unravel(_ggn_matrix(coupled_output).diagonal(), like),
     )
+    _untouched(model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_jacobian_vector_product_model_and_closure_form(kind):
+    """``J v`` by the double-vjp trick on the autograd graph, against the plain net's jacrev."""
+    model = build(kind)
+    v = _vector()
+    jac = torch.func.jacrev(plain_output)(_point())
+    expected = sum((j * t).flatten(2).sum(-1) for j, t in zip(jac, v, strict=True))
+    assert_close(model_jvp(model, X, v), expected)
+    assert_close(jvp(lambda: model(X), list(model.parameters()), v), expected)
+    with_graph = model_jvp(model, X, [t.clone().requires_grad_() for t in v], create_graph=True)
+    assert with_graph.requires_grad
+    assert_close(with_graph, expected)
     _untouched(model)

@@ -200,12 +200,46 @@ def _as_batched_vectors(vs: Any, params: Sequence[Tensor], name: str = "vs") -> 
 
 
 def problem_jvp(problem: LossProblem, vectors: list[Tensor]) -> Tensor:
-    """``J v`` (shaped like the output), ``v`` in the user's list format."""
+    """``J v`` (shaped like the output), ``v`` in the user's list format.
+
+    Forward mode (:func:`torch.func.jvp`); where ``torch.func`` refuses the code
+    (old-style ``autograd.Function``, full backward hooks, saved-tensor hooks), the
+    double-vjp trick on one autograd graph (:func:`_graph_jvp`).
+    """
     if not problem.active:
         return torch.zeros_like(_evaluate(problem))
-    tangents = _tangents(problem, vectors, problem.create_graph)
-    _, jv = torch.func.jvp(problem.pure, (problem.primals,), (tangents,))
-    return _finish(jv, problem.create_graph)
+
+    def functional() -> Tensor:
+        tangents = _tangents(problem, vectors, problem.create_graph)
+        _, jv = torch.func.jvp(problem.pure, (problem.primals,), (tangents,))
+        return _finish(jv, problem.create_graph)
+
+    return problem.functional_or_graph(functional, lambda: _graph_jvp(problem, vectors))
+
+
+def _graph_jvp(problem: LossProblem, vectors: list[Tensor]) -> Tensor:
+    r"""``J v`` by the double-vjp trick: :math:`a(u) = J^\top u` is linear in a dummy
+    cotangent :math:`u`, and the backward pass of :math:`a(u)^\top v` with respect
+    to :math:`u` is :math:`J v`."""
+    create_graph = problem.create_graph
+    tensors = [problem.params[i] for i in problem.active]
+    tangents = [_finish(vectors[i], create_graph) for i in problem.active]
+    with torch.enable_grad():
+        out = _check_output(problem.loss_closure(), "func")
+        dummy = torch.zeros_like(out, requires_grad=True)
+        pulled = torch.autograd.grad(
+            out, tensors, grad_outputs=dummy, create_graph=True, allow_unused=True
+        )
+        used = [j for j, a in enumerate(pulled) if a is not None and a.requires_grad]
+        if not used:
+            return torch.zeros_like(out.detach())
+        (jv,) = torch.autograd.grad(
+            [pulled[j] for j in used],
+            dummy,
+            grad_outputs=[tangents[j] for j in used],
+            create_graph=create_graph,
+        )
+    return _finish(jv, create_graph)
 
 
 def problem_vjp(problem: LossProblem, u: Any, name: str = "v") -> list[Tensor]:
