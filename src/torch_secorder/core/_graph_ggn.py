@@ -1,4 +1,5 @@
-r"""The exact GGN diagonal on one autograd graph, for models that ``torch.func`` refuses.
+r"""Jacobian products and the exact GGN diagonal on one autograd graph, for models
+that ``torch.func`` refuses.
 
 With the output :math:`z = f(\theta)`, :math:`J = \partial z / \partial \theta` and
 :math:`H_{\text{out}} = \nabla_z^2 \ell(z)`, the diagonal of the generalised
@@ -27,13 +28,55 @@ from torch import Tensor
 from torch_secorder.linalg.progress import progress_bar
 from torch_secorder.linalg.trace import chunk_ranges
 
-__all__ = ["graph_ggn_diagonal"]
+__all__ = ["graph_ggn_diagonal", "graph_jvp", "transposed_jacobian"]
 
 #: Entries of a batch of Jacobian columns aimed at by the default chunk.
 CHUNK_ENTRIES = 2**24
 
 #: Largest default number of columns per batched backward pass.
 MAX_CHUNK = 256
+
+
+def transposed_jacobian(out: Tensor, tensors: list[Tensor]) -> tuple[Tensor, tuple]:
+    r"""``(u, J^T u)`` for a dummy cotangent ``u`` (zeros), with the graph kept.
+
+    :math:`J^\top u` is linear in :math:`u`, so a backward pass of it with respect
+    to :math:`u` gives :math:`J v` (the double-vjp trick).  Entries of the tuple are
+    ``None`` for tensors that ``out`` does not depend on.
+    """
+    dummy = torch.zeros_like(out, requires_grad=True)
+    pulled = torch.autograd.grad(
+        out, tensors, grad_outputs=dummy, create_graph=True, allow_unused=True
+    )
+    return dummy, pulled
+
+
+def graph_jvp(
+    out: Tensor, tensors: list[Tensor], tangents: list[Tensor], create_graph: bool = False
+) -> Tensor | None:
+    """``J v`` of ``out`` with respect to ``tensors`` by the double-vjp trick.
+
+    ``None`` where ``out`` depends on none of ``tensors`` (through a derivative).
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> with torch.enable_grad():
+        ...     out = w**2
+        >>> graph_jvp(out, [w], [torch.tensor([1.0, 1.0])])
+        tensor([2., 4.])
+    """
+    dummy, pulled = transposed_jacobian(out, tensors)
+    used = [j for j, a in enumerate(pulled) if a is not None and a.requires_grad]
+    if not used:
+        return None
+    (jv,) = torch.autograd.grad(
+        [pulled[j] for j in used],
+        dummy,
+        grad_outputs=[tangents[j] for j in used],
+        create_graph=create_graph,
+    )
+    return jv
 
 
 def graph_ggn_diagonal(
@@ -72,10 +115,7 @@ def graph_ggn_diagonal(
     with torch.enable_grad():
         out = out_fn(dict(zip(names, tensors, strict=True)))
         (g_out,) = torch.autograd.grad(loss_of_out(out), out, create_graph=True)
-        dummy = torch.zeros_like(out, requires_grad=True)
-        pulled = torch.autograd.grad(
-            out, tensors, grad_outputs=dummy, create_graph=True, allow_unused=True
-        )
+        dummy, pulled = transposed_jacobian(out, tensors)
         step = chunk_size or max(1, min(MAX_CHUNK, CHUNK_ENTRIES // max(out.numel(), 1)))
         chunks = [
             (j, start, stop)

@@ -31,6 +31,7 @@ from torch_secorder.core._fallback import (
     is_functional_refusal,
     is_graph_refusal,
 )
+from torch_secorder.core._graph_ggn import graph_jvp
 from torch_secorder.core._inputs import (
     as_param_list,
     check_loss,
@@ -413,19 +414,9 @@ class LossProblem:
             out = self.loss_closure()
             with targets_fit(loss_fn, out, targets):  # a target unlike the output: ShapeError
                 loss = check_loss(loss_on_output(out, targets), "loss_fn(model(x), y)")
-            dummy = torch.zeros_like(out, requires_grad=True)
-            pulled = torch.autograd.grad(
-                out, tensors, grad_outputs=dummy, create_graph=True, allow_unused=True
-            )
-            used = [j for j, a in enumerate(pulled) if a is not None and a.requires_grad]
-            if not used:
+            jv = graph_jvp(out, tensors, vectors, create_graph)
+            if jv is None:
                 return [torch.zeros_like(p) for p in self.params]
-            (jv,) = torch.autograd.grad(
-                [pulled[j] for j in used],
-                dummy,
-                grad_outputs=[vectors[j] for j in used],
-                create_graph=create_graph,
-            )
             (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
             if not g_out.requires_grad:  # a loss linear in the output
                 return [torch.zeros_like(p) for p in self.params]

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from torch_secorder.core._batch_checks import check_batch_device, inputs_fit
+from torch_secorder.core._graph_ggn import graph_jvp
 from torch_secorder.core._inputs import as_vector_list, check_chunk_size, check_module
 from torch_secorder.core._problem import LossProblem, closure_problem, narrow_to
 from torch_secorder.errors import ShapeError
@@ -218,28 +219,14 @@ def problem_jvp(problem: LossProblem, vectors: list[Tensor]) -> Tensor:
 
 
 def _graph_jvp(problem: LossProblem, vectors: list[Tensor]) -> Tensor:
-    r"""``J v`` by the double-vjp trick: :math:`a(u) = J^\top u` is linear in a dummy
-    cotangent :math:`u`, and the backward pass of :math:`a(u)^\top v` with respect
-    to :math:`u` is :math:`J v`."""
+    """``J v`` on one autograd graph (:func:`~torch_secorder.core._graph_ggn.graph_jvp`)."""
     create_graph = problem.create_graph
     tensors = [problem.params[i] for i in problem.active]
     tangents = [_finish(vectors[i], create_graph) for i in problem.active]
     with torch.enable_grad():
         out = _check_output(problem.loss_closure(), "func")
-        dummy = torch.zeros_like(out, requires_grad=True)
-        pulled = torch.autograd.grad(
-            out, tensors, grad_outputs=dummy, create_graph=True, allow_unused=True
-        )
-        used = [j for j, a in enumerate(pulled) if a is not None and a.requires_grad]
-        if not used:
-            return torch.zeros_like(out.detach())
-        (jv,) = torch.autograd.grad(
-            [pulled[j] for j in used],
-            dummy,
-            grad_outputs=[tangents[j] for j in used],
-            create_graph=create_graph,
-        )
-    return _finish(jv, create_graph)
+        jv = graph_jvp(out, tensors, tangents, create_graph)
+    return torch.zeros_like(out.detach()) if jv is None else _finish(jv, create_graph)
 
 
 def problem_vjp(problem: LossProblem, u: Any, name: str = "v") -> list[Tensor]:
