@@ -37,12 +37,11 @@ from torch_secorder.core._inputs import (
     check_positive_int,
 )
 from torch_secorder.core._purity import preserved_state
+from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 
 __all__ = ["compute_loss_surface_1d", "compute_loss_surface_2d", "create_random_direction"]
 
-#: Parameter entries (points x parameters) per vmapped chunk by default.
-CHUNK_ELEMENTS = 2**24
 #: Most grid points per vmapped chunk by default.
 MAX_CHUNK = 64
 
@@ -86,7 +85,7 @@ def _loss_grid(
     coeffs = coeffs_of(like.dtype, like.device)
     n = sum(p.numel() for p in params)
     if chunk_size is None:
-        chunk_size = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // n))
+        chunk_size = max(1, min(MAX_CHUNK, DEFAULT_CHUNK_ELEMENTS // n))
 
     with preserved_state(params, model) as rewind, torch.no_grad():
         rewind()  # the first evaluation: its random draws are replayed in all others

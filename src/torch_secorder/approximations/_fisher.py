@@ -30,6 +30,7 @@ from torch_secorder.core._inputs import check_generator, check_module, check_num
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.errors import UnsupportedShapeError
 from torch_secorder.func._fixes import differentiable
+from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 
 __all__ = ["LOSS_TYPES", "empirical_sq_sum", "loss_kind", "predictive_sq_sum"]
@@ -43,9 +44,6 @@ LOSS_TYPES = {
     "mse": "mse",
     "gaussian": "mse",
 }
-
-#: Entries of the batch of gradients aimed at by the default chunk.
-CHUNK_ELEMENTS = 2**24
 
 
 def loss_kind(loss_type: Any) -> str:
@@ -114,7 +112,7 @@ def empirical_sq_sum(
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     dim = sum(p.numel() for _, p in active)
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // dim)
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // dim)
     with preserved_state(params, model) as rewind:
         with rewind.evaluation(replay=False):
             check_batch_fits(model, loss_fn, inputs, targets, params)
@@ -273,7 +271,9 @@ def predictive_sq_sum(
     make, per = _rows(outputs, kind, num_samples, generator, create_graph)
     dim = sum(p.numel() for p in active)
     if chunk_size is None:
-        rows_budget = max(1, min(CHUNK_ELEMENTS // dim, CHUNK_ELEMENTS // (8 * outputs.numel())))
+        rows_budget = max(
+            1, min(DEFAULT_CHUNK_ELEMENTS // dim, DEFAULT_CHUNK_ELEMENTS // (8 * outputs.numel()))
+        )
         chunk_size = max(1, rows_budget // per)
     sums = [torch.zeros_like(p) for p in active]
     with torch.enable_grad():

@@ -47,7 +47,7 @@ from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
 from torch_secorder.func.fast_diagonal import ggn_diagonal
-from torch_secorder.func.hvp import hvp
+from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS, hvp
 from torch_secorder.linalg.trace import chunk_ranges
 
 __all__ = [
@@ -59,10 +59,6 @@ __all__ = [
 
 #: Fallback memory bound when the free memory cannot be read (2 GiB).
 FALLBACK_MAX_BYTES = 2**31
-
-#: Default number of entries of :math:`J` (and of :math:`H_{\mathrm{out}} J`) held
-#: per chunk by the column route of the diagonal.
-CHUNK_ENTRIES = 2**24
 
 
 class GGNTooLargeError(MemoryError, ValueError):
@@ -165,7 +161,7 @@ def _diagonal_by_columns(
     """
     n, m = problem.n, problem.m
     point = problem.point(create_graph)
-    step = chunk_size or max(1, CHUNK_ENTRIES // max(m, 1))
+    step = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(m, 1))
     with torch.enable_grad():
         out = problem.out_fn(point)
         o = out if create_graph else out.detach()
@@ -363,7 +359,7 @@ def gauss_newton_matrix(
                     tangents
                 ).T  # (M, n)
                 cols = J.T.reshape(n, *out.shape)
-                step = chunk_size or max(1, 2**24 // max(m, 1))
+                step = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(m, 1))
                 pieces = [
                     vmap(lambda v: hvp(loss_of_out, o, v))(cols[a:b]).reshape(b - a, m)
                     for a, b in chunk_ranges(n, step)

@@ -25,13 +25,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.progress import progress_bar
 from torch_secorder.linalg.trace import chunk_ranges
 
 __all__ = ["graph_ggn_diagonal", "graph_jvp", "transposed_jacobian"]
 
-#: Entries of a batch of Jacobian columns aimed at by the default chunk.
-CHUNK_ENTRIES = 2**24
 
 #: Largest default number of columns per batched backward pass.
 MAX_CHUNK = 256
@@ -116,7 +115,7 @@ def graph_ggn_diagonal(
         out = out_fn(dict(zip(names, tensors, strict=True)))
         (g_out,) = torch.autograd.grad(loss_of_out(out), out, create_graph=True)
         dummy, pulled = transposed_jacobian(out, tensors)
-        step = chunk_size or max(1, min(MAX_CHUNK, CHUNK_ENTRIES // max(out.numel(), 1)))
+        step = chunk_size or max(1, min(MAX_CHUNK, DEFAULT_CHUNK_ELEMENTS // max(out.numel(), 1)))
         chunks = [
             (j, start, stop)
             for j, t in enumerate(tensors)

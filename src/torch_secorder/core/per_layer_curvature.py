@@ -29,15 +29,13 @@ from torch_secorder.core._problem import module_problem
 from torch_secorder.core.hessian_diagonal import model_hessian_diagonal
 from torch_secorder.core.utils import get_params_by_module_type
 from torch_secorder.func._fixes import differentiable
+from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 
 __all__ = [
     "per_layer_hessian_diagonal",
     "per_layer_fisher_diagonal",
     "get_layer_curvature_stats",
 ]
-
-#: Per-sample gradient entries held at once by the Fisher sweep (chunks of samples).
-_FISHER_CHUNK_ENTRIES = 2**24
 
 
 def select_layers(
@@ -207,7 +205,7 @@ def _empirical_fisher_diagonal_with_graph(
         per_sample = torch.func.vmap(
             torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different"
         )
-        chunk = max(1, _FISHER_CHUNK_ENTRIES // max(problem.dim, 1))
+        chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max(problem.dim, 1))
         totals = [torch.zeros_like(p) for p in problem.primals]
         for start in range(0, n, chunk):
             xs = tuple(a[start : start + chunk] for a in args)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torch_secorder.func._tape import Call
+from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 
 __all__ = ["chain_diagonal"]
 
@@ -96,7 +97,7 @@ _LOSSES = {F.mse_loss, F.cross_entropy}
 _CONVS = {F.conv1d: 1, F.conv2d: 2}
 
 
-_LIMIT = 2**24  # tensor entries the chain route may materialise at once
+_LIMIT = DEFAULT_CHUNK_ELEMENTS  # tensor entries the chain route may materialise at once
 
 
 @dataclass

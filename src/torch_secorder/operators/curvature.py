@@ -42,6 +42,7 @@ from torch_secorder.core.hvp import problem_ggn_product
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
 from torch_secorder.func.fast_diagonal import ggn_diagonal
+from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 from torch_secorder.operators.base import CurvatureOperator
 
@@ -169,7 +170,7 @@ class GGNOperator(CurvatureOperator):
     def _step(self, V: Tensor) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        return max(1, min(V.shape[0], 2**24 // max(1, V.shape[1])))
+        return max(1, min(V.shape[0], DEFAULT_CHUNK_ELEMENTS // max(1, V.shape[1])))
 
     def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
         with model_output_problem(self.model, inputs, False, only=self.names) as problem:
@@ -366,7 +367,9 @@ class FisherOperator(GGNOperator):
             scale = 1.0
             if self.reduction == "mean":
                 scale = 1.0 / n if self.likelihood == "ce" else 1.0 / (n * d)
-            step = self.chunk_size or max(1, 2**24 // max(1, per * out.numel() + self.shape[0]))
+            step = self.chunk_size or max(
+                1, DEFAULT_CHUNK_ELEMENTS // max(1, per * out.numel() + self.shape[0])
+            )
             pulled = torch.func.vmap(vjp_fn)
             for start, stop in chunk_ranges(n, step):
                 rows = make(start, stop).reshape(-1, *out.shape)
