@@ -88,7 +88,7 @@ def leaf_hessian_diagonal(
     leaf = tree_leaves(params)[index]
     numel = leaf.numel()
     if chunk_size is None:
-        chunk_size = default_chunk_size(numel, numel)
+        chunk_size = default_chunk_size(numel, numel, leaf.device)
 
     @differentiable
     def f_leaf(x: Tensor) -> Tensor:

@@ -16,26 +16,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from torch_secorder._checks import check_chunk_size
+from torch_secorder._chunks import CPU_CHUNK_ELEMENTS, static_chunk_size
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import PyTree, tree_numel, tree_ravel, tree_unravel
 
 __all__ = ["hvp", "hvp_batched", "hessian_matmat", "default_chunk_size"]
 
-#: Entries of the tangent batch (``chunk_size * n``) aimed at by the default chunk.
-DEFAULT_CHUNK_ELEMENTS = 2**24
+#: Entries of the tangent batch (``chunk_size * n``) aimed at by the default chunk on the
+#: CPU (the policy: :mod:`torch_secorder._chunks`).
+DEFAULT_CHUNK_ELEMENTS = CPU_CHUNK_ELEMENTS
 
 
-def default_chunk_size(num_vectors: int, dim: int) -> int:
-    """A chunk size that keeps the tangent batch near 2**24 entries (64 MiB in float32).
+def default_chunk_size(num_vectors: int, dim: int, device: torch.device | None = None) -> int:
+    """The policy's chunk size for ``num_vectors`` vectors of ``dim`` entries on ``device``.
 
+    On the CPU the tangent batch stays near 2**24 entries (64 MiB in float32); on
+    CUDA the chunk comes from the free memory (:func:`torch_secorder._chunks.static_chunk_size`).
     The peak memory of a chunked, vmapped HVP is about ``chunk_size`` times that of
     one HVP (activations and their tangents), plus the tangent batch itself.
     """
-    return max(1, min(num_vectors, 1024, DEFAULT_CHUNK_ELEMENTS // max(dim, 1)))
+    return static_chunk_size(num_vectors, dim, device)
 
 
 def hvp(f: Callable[[PyTree], Tensor], params: PyTree, v: PyTree) -> PyTree:

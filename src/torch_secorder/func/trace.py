@@ -59,7 +59,7 @@ def hutchinson_trace_estimate(
     check_generator(generator, first.device)
     dim = tree_numel(params)
     if chunk_size is None and isinstance(num_samples, int):
-        chunk_size = default_chunk_size(num_samples, dim)
+        chunk_size = default_chunk_size(num_samples, dim, first.device)
     return hutchinson(
         hessian_matmat(f, params),
         dim,

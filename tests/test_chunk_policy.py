@@ -1,0 +1,145 @@
+"""The chunk policy per device (issue 12), on the CPU with a stubbed CUDA memory reading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_secorder import _chunks
+from torch_secorder._chunks import ChunkSchedule, chunk_policy, static_chunk_size
+from torch_secorder.func.hvp import default_chunk_size
+
+GIB = 2**30
+CUDA = torch.device("cuda", 0)
+
+
+class StubReader:
+    """A CUDA card: ``free`` bytes free, and a product that costs ``per_vector`` bytes at peak.
+
+    ``run(k)`` stands for one chunk of ``k`` products: the allocator's peak rises to
+    ``allocated + k * per_vector`` (unless an earlier peak was higher).
+    """
+
+    def __init__(self, free: int, per_vector: int, allocated: int = 0, peak: int = 0):
+        self.free_bytes = free
+        self.per_vector = per_vector
+        self.allocated_bytes = allocated
+        self.peak_bytes = max(peak, allocated)
+        self.resets = 0
+
+    def free(self, device):
+        return self.free_bytes
+
+    def allocated(self, device):
+        return self.allocated_bytes
+
+    def peak(self, device):
+        return self.peak_bytes
+
+    def reset_peak(self, device):
+        self.resets += 1
+        self.peak_bytes = self.allocated_bytes
+
+    def run(self, k: int) -> None:
+        needed = self.allocated_bytes + k * self.per_vector
+        if k * self.per_vector > self.free_bytes:
+            raise torch.cuda.OutOfMemoryError(f"chunk of {k} needs {needed} bytes")
+        self.peak_bytes = max(self.peak_bytes, needed)
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    def install(**kwargs):
+        reader = StubReader(**kwargs)
+        monkeypatch.setattr(_chunks, "memory_reader", reader)
+        return reader
+
+    return install
+
+
+def _run_schedule(reader: StubReader, total: int, dim: int) -> list[tuple[int, int]]:
+    pieces = []
+    for start, stop in ChunkSchedule(total, None, CUDA, dim=dim):
+        reader.run(stop - start)
+        pieces.append((start, stop))
+    return pieces
+
+
+def test_cpu_rule_is_the_tangent_budget():
+    n = 1_862_410  # the 784-1024-1024-10 MLP
+    assert static_chunk_size(64, n) == chunk_policy.cpu_elements // n == 9
+    assert default_chunk_size(64, n) == 9
+    assert static_chunk_size(5, 10) == 5
+    assert static_chunk_size(5000, 10) == chunk_policy.max_chunk
+
+
+def test_cpu_schedule_covers_every_vector_once():
+    pieces = list(ChunkSchedule(1000, None, torch.device("cpu"), dim=50_000))
+    size = chunk_policy.cpu_elements // 50_000
+    assert pieces[0] == (0, size)
+    assert [i for a, b in pieces for i in range(a, b)] == list(range(1000))
+    assert len(ChunkSchedule(1000, None, torch.device("cpu"), dim=50_000)) == len(pieces)
+
+
+def test_explicit_chunk_size_wins(stub):
+    stub(free=16 * GIB, per_vector=GIB)
+    assert list(ChunkSchedule(5, 2, CUDA, dim=10)) == [(0, 2), (2, 4), (4, 5)]
+
+
+@pytest.mark.parametrize(
+    "name, dim, per_vector",
+    [
+        # peak bytes of one float32 product, as measured on an H100 (issue 12): the MLP's
+        # 64 probes in one chunk peaked at 2.4 GiB; the exact trace of a 10k-parameter
+        # conv+BN ResNet at 19.6 GiB over its default chunk of 1024 basis vectors; the
+        # exact diagonal of a 28,554-parameter tanh ResNet at 42.2 GiB over 587 vectors.
+        ("mlp", 1_862_410, int(2.4 * GIB / 64)),
+        ("bn_resnet", 10_000, int(19.6 * GIB / 1024)),
+        ("tanh_resnet", 28_554, int(42.2 * GIB / 587)),
+    ],
+)
+def test_no_out_of_memory_on_a_16_gib_card(stub, name, dim, per_vector):
+    """On a 16 GiB card each chunk of the measured schedule fits; the 2**24 budget did not."""
+    reader = stub(free=16 * GIB, per_vector=per_vector)
+    total = 1024
+    pieces = _run_schedule(reader, total, dim)  # raises OutOfMemoryError if a chunk does not fit
+    assert [i for a, b in pieces for i in range(a, b)] == list(range(total))
+    largest = max(b - a for a, b in pieces)
+    assert largest * per_vector <= chunk_policy.memory_fraction * reader.free_bytes
+    if name != "mlp":  # the old CPU budget on these would have run out of memory
+        old = min(total, 1024, 2**24 // dim)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            StubReader(free=16 * GIB, per_vector=per_vector).run(old)
+
+
+def test_big_card_takes_all_probes_in_one_chunk(stub):
+    """On an 80 GiB card the MLP's 64 probes run in one chunk after the measuring one."""
+    reader = stub(free=78 * GIB, per_vector=int(2.4 * GIB / 64))
+    pieces = _run_schedule(reader, 64, 1_862_410)
+    assert pieces == [(0, 2), (2, 64)]
+
+
+def test_earlier_peak_is_reset_or_read_conservatively(stub, monkeypatch):
+    reader = stub(free=16 * GIB, per_vector=GIB // 8, allocated=GIB, peak=12 * GIB)
+    schedule = ChunkSchedule(256, None, CUDA, dim=1000)
+    pieces = []
+    for start, stop in schedule:
+        reader.run(stop - start)
+        pieces.append((start, stop))
+    assert reader.resets == 1
+    assert schedule.measured_bytes_per_vector == GIB // 8
+    assert max(b - a for a, b in pieces) == 64  # 8 GiB / (1/8 GiB)
+
+    monkeypatch.setattr(chunk_policy, "reset_peak", False)
+    reader = stub(free=16 * GIB, per_vector=GIB // 8, allocated=GIB, peak=12 * GIB)
+    schedule = ChunkSchedule(256, None, CUDA, dim=1000)
+    for start, stop in schedule:
+        reader.run(stop - start)
+    assert reader.resets == 0
+    assert schedule.measured_bytes_per_vector == 11 * GIB / 2  # the earlier peak: conservative
+
+
+def test_estimate_before_measurement_uses_free_memory(stub):
+    stub(free=16 * GIB, per_vector=1)
+    expected = int(16 * GIB * chunk_policy.memory_fraction // (64.0 * 1_000_000))
+    assert static_chunk_size(1024, 1_000_000, CUDA) == expected == 134
