@@ -4,7 +4,7 @@ r"""Loss surfaces along directions in parameter space (Li et al., 2018).
     L(\alpha) = \mathrm{loss}\big(f(x; \theta + \alpha d), y\big), \qquad
     L(\alpha, \beta) = \mathrm{loss}\big(f(x; \theta + \alpha d_1 + \beta d_2), y\big).
 
-The grid points are evaluated with :func:`torch.func.functional_call` on
+The grid points are evaluated through the one model adapter (:func:`torch.func.functional_call`) on
 :math:`\theta + \alpha d`, vmapped over ``chunk_size`` points at a time (bounded
 memory), under ``torch.no_grad``; the model's parameters are never written, so
 they are bit for bit as before afterwards, also when the call raises.  The model
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
-from torch_secorder.core._batch_checks import check_batch_device, check_batch_fits
+from torch_secorder.core._batch_checks import check_batch_fits
 from torch_secorder.core._inputs import (
     as_vector_list,
     check_chunk_size,
@@ -36,6 +36,7 @@ from torch_secorder.core._inputs import (
     check_module,
     check_positive_int,
 )
+from torch_secorder.core._model_function import ModelFunction
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
@@ -69,18 +70,15 @@ def _loss_grid(
     check_module(model)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    named = list(model.named_parameters())
-    if not named:
-        raise ValueError("model has no parameters: there is no parameter space to move in")
-    params = [p for _, p in named]
-    check_batch_device(params, inputs=inputs, targets=targets)
-    names = [name for name, _ in named]
+    model_fn = ModelFunction(
+        model, empty="there is no parameter space to move in", inputs=inputs, targets=targets
+    )
+    params, names = model_fn.params, model_fn.names
     dirs = [
         as_vector_list(d, params, name=f"direction{k + 1}" if len(directions) > 1 else "direction")
         for k, d in enumerate(directions)
     ]
     check_chunk_size(chunk_size)
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
     like = params[0]
     coeffs = coeffs_of(like.dtype, like.device)
     n = sum(p.numel() for p in params)
@@ -97,7 +95,7 @@ def _loss_grid(
                 name: b + sum(c[k] * d[i] for k, d in enumerate(dirs))
                 for i, (name, b) in enumerate(zip(names, base, strict=True))
             }
-            return loss_fn(functional_call(model, values, args), targets)
+            return loss_fn(model_fn(values, inputs), targets)
 
         rewind()
         check_loss(loss_at(coeffs[0]), "loss_fn(model(inputs), targets)")

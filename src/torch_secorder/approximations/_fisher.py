@@ -1,12 +1,8 @@
 r"""The computations behind the Fisher diagonals and traces.
 
-* :func:`empirical_sq_sum`: :math:`\sum_i g_i \odot g_i` over per-sample gradients
-  :math:`g_i = \nabla_\theta\, \ell(f(x_i;\theta), y_i)`, by
-  ``vmap(grad(...))`` over the samples (:func:`torch.func.functional_call`), in
-  chunks of samples; one backward pass per sample where ``vmap`` cannot run the
-  model (the kernels of ``nn.RNN``/``nn.LSTM``/``nn.GRU``, and code that
-  ``torch.func`` refuses: old-style ``autograd.Function`` s, full backward hooks,
-  saved-tensor hooks).
+* :func:`~torch_secorder.core._per_sample.empirical_sq_sum` (in ``core``, where the
+  per-layer Fisher also uses it): :math:`\sum_i g_i \odot g_i` over per-sample
+  gradients.
 * :func:`predictive_sq_sum`: :math:`\sum_r (J^\top u_r) \odot (J^\top u_r)` for a
   set of output-space vectors :math:`u_r` (one sample's row each) chosen so that
   :math:`\sum_r u_r u_r^\top` is the Hessian of the negative log-likelihood with
@@ -22,14 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
-from torch_secorder.core._batch_checks import check_batch_device, check_batch_fits
-from torch_secorder.core._fallback import has_recurrent_module, is_functional_refusal
 from torch_secorder.core._inputs import check_generator, check_module, check_num_samples
-from torch_secorder.core._purity import preserved_state
+from torch_secorder.core._per_sample import empirical_sq_sum  # re-exported
 from torch_secorder.errors import UnsupportedShapeError
-from torch_secorder.func._fixes import differentiable
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 
@@ -56,111 +48,6 @@ def loss_kind(loss_type: Any) -> str:
             "'mse'/'gaussian': Gaussian likelihood)"
         )
     return kind
-
-
-def _batch_size(inputs: Any, targets: Any) -> int:
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    if not args or not all(isinstance(a, Tensor) and a.ndim >= 1 for a in args):
-        raise TypeError(
-            "inputs must be a tensor (or a tuple of tensors) with a leading batch dimension, "
-            f"got {type(inputs).__name__}"
-        )
-    sizes = {a.shape[0] for a in args}
-    if len(sizes) != 1:
-        raise ValueError(f"inputs disagree on the batch size: {[a.shape[0] for a in args]}")
-    n = sizes.pop()
-    if not isinstance(targets, Tensor) or targets.ndim < 1:
-        raise TypeError(
-            f"targets must be a tensor with a leading batch dimension, got {type(targets).__name__}"
-            + (f" of shape {tuple(targets.shape)}" if isinstance(targets, Tensor) else "")
-        )
-    if targets.shape[0] != n:
-        raise ValueError(
-            f"inputs and targets must have the same batch size: inputs have {n} samples, "
-            f"targets have shape {tuple(targets.shape)}"
-        )
-    if n == 0:
-        raise ValueError("inputs must contain at least one sample")
-    return n
-
-
-def empirical_sq_sum(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Any,
-    targets: Tensor,
-    chunk_size: int | None = None,
-    on_chunk: Callable[[dict[str, Tensor]], None] | None = None,
-) -> tuple[list[Tensor], int]:
-    """``(sum_i g_i**2 per parameter, N)``; zeros for parameters without grad.
-
-    ``on_chunk``, if given, receives each chunk's per-sample gradients (a dict from
-    parameter name to a ``(samples, *shape)`` tensor, parameters requiring grad).
-    """
-    check_module(model)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    n = _batch_size(inputs, targets)
-    named = list(model.named_parameters())
-    if not named:
-        raise ValueError("model has no parameters: nothing to differentiate")
-    params = [p for _, p in named]
-    check_batch_device(params, inputs=inputs, targets=targets)
-    active = [(name, p) for name, p in named if p.requires_grad]
-    if not active:
-        raise ValueError("no parameter of model requires grad: nothing to differentiate")
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    dim = sum(p.numel() for _, p in active)
-    if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // dim)
-    with preserved_state(params, model) as rewind:
-        with rewind.evaluation(replay=False):
-            check_batch_fits(model, loss_fn, inputs, targets, params)
-        point = {name: p.detach() for name, p in active}
-
-        @differentiable
-        def sample_loss(values: dict[str, Tensor], x: tuple[Tensor, ...], y: Tensor) -> Tensor:
-            out = functional_call(model, values, tuple(a.unsqueeze(0) for a in x))
-            return loss_fn(out, y.unsqueeze(0))
-
-        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
-        leaves = {name: t.detach().requires_grad_() for name, t in point.items()}
-
-        def looped(start: int, stop: int) -> dict[str, Tensor]:
-            """The per-sample gradients of samples ``start:stop``, one backward pass each."""
-            rows = []
-            with torch.enable_grad():
-                for i in range(start, stop):
-                    with rewind.evaluation(replay=False):  # fresh dropout per sample
-                        loss = sample_loss(leaves, tuple(a[i] for a in args), targets[i])
-                    rows.append(torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))
-            return {
-                name: torch.stack([torch.zeros_like(t) if r[j] is None else r[j] for r in rows])
-                for j, (name, t) in enumerate(leaves.items())
-            }
-
-        # vmap cannot batch the recurrent kernels (nor run what torch.func refuses).
-        loop = has_recurrent_module(model)
-        sums = {name: torch.zeros_like(p) for name, p in point.items()}
-        for start, stop in chunk_ranges(n, chunk_size):
-            grads = None
-            if not loop:
-                try:
-                    with rewind.evaluation(replay=False):  # fresh dropout per sample
-                        grads = per_sample(
-                            point, tuple(a[start:stop] for a in args), targets[start:stop]
-                        )
-                except RuntimeError as exc:
-                    if not is_functional_refusal(exc):
-                        raise
-                    loop = True
-            if grads is None:
-                grads = looped(start, stop)
-            if on_chunk is not None:
-                on_chunk(grads)
-            for name in sums:
-                sums[name] = sums[name] + (grads[name] ** 2).sum(0)
-    return [sums[name] if name in sums else torch.zeros_like(p) for name, p in named], n
 
 
 def _check_outputs(model: nn.Module, outputs: Any, targets: Any, kind: str) -> None:

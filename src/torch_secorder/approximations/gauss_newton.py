@@ -39,11 +39,11 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from torch_secorder._checks import check_chunk_size
-from torch_secorder.core._batch_checks import check_batch_device, inputs_fit, targets_fit
+from torch_secorder.core._batch_checks import check_batch_device, targets_fit
 from torch_secorder.core._fallback import is_functional_refusal
 from torch_secorder.core._graph_ggn import graph_ggn_diagonal
 from torch_secorder.core._inputs import check_loss, check_module
-from torch_secorder.core.gvp import model_output_problem
+from torch_secorder.core._problem import module_problem
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
 from torch_secorder.func.fast_diagonal import ggn_diagonal
@@ -112,23 +112,21 @@ def _ggn_problem(
 ) -> Iterator[_GGNProblem]:
     """Check the arguments, run one forward pass, and keep the user's state while in use.
 
-    The model as a function of its parameters is the engine's one adapter,
-    :func:`~torch_secorder.core.gvp.model_output_problem` (state preserved, one
-    evaluation's buffers and random draws for every later one).
+    A view of the one model-level problem,
+    :func:`~torch_secorder.core._problem.module_problem` of the model's output (state
+    preserved, one evaluation's buffers and random draws for every later one).
     """
     check_module(model)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    named = list(model.named_parameters())
-    params = [p for _, p in named]
-    check_batch_device(params, inputs=inputs, targets=targets)
-    active = [(name, p) for name, p in named if p.requires_grad]
-    if not active:
+    params = list(model.parameters())
+    if not any(p.requires_grad for p in params):
         # Nothing to differentiate: the callers warn or raise.
+        check_batch_device(params, inputs=inputs, targets=targets)
         yield _GGNProblem([], [], lambda values: model(inputs), lambda out: out, 0, False)
         return
-    with model_output_problem(model, inputs, False) as problem:
-        names = [name for name, _ in active]
+    with module_problem(model, None, inputs, targets) as problem:
+        names = [problem.names[i] for i in problem.active]
         pure = problem.pure
 
         def out_fn(values: dict[str, Tensor]) -> Tensor:
@@ -136,13 +134,12 @@ def _ggn_problem(
 
         loss_of_out = differentiable(lambda out: loss_fn(out, targets))
         with torch.no_grad():
-            with inputs_fit(params, inputs):  # a dtype unlike the parameters': both named
-                probe = out_fn(dict(active))
+            probe = pure(problem.primals)
             with targets_fit(loss_fn, probe, targets):  # both shapes named
                 check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
         yield _GGNProblem(
             names=names,
-            active=[p for _, p in active],
+            active=[problem.params[i] for i in problem.active],
             out_fn=out_fn,
             loss_of_out=loss_of_out,
             m=probe.numel(),

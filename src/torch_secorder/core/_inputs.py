@@ -29,6 +29,7 @@ __all__ = [
     "check_loss",
     "check_module",
     "check_num_samples",
+    "check_output",
     "check_positive_int",
     "as_vector_list",
     "warn_zero_result",
@@ -76,6 +77,17 @@ def check_loss(loss: Any, name: str = "func") -> Tensor:
     if not math.isfinite(value):
         raise ValueError(f"{name} returned a non-finite loss ({value}): nothing to differentiate")
     return loss
+
+
+def check_output(out: Any, name: str) -> Tensor:
+    """A floating tensor output (any shape), to be differentiated."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must return a tensor, got {type(out).__name__}")
+    if not out.is_floating_point():
+        raise TypeError(
+            f"{name} must return a floating tensor to be differentiated, got {out.dtype}"
+        )
+    return out
 
 
 def check_num_samples(num_samples: Any, name: str = "num_samples") -> int:

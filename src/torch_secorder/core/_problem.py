@@ -5,7 +5,8 @@ the tensors in ``params``) into a :class:`LossProblem`: a pure function of the
 differentiated tensors for the ``torch.func`` engine, the same loss on one autograd
 graph for the graph route, and the bookkeeping to return results in the user's
 list format.  :func:`module_problem` does the same for ``model`` + ``loss_fn`` +
-data through :func:`torch.func.functional_call`.
+data (or the model's output alone) through the one model adapter,
+:class:`~torch_secorder.core._model_function.ModelFunction`.
 """
 
 from __future__ import annotations
@@ -18,14 +19,8 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from torch_secorder.core._batch_checks import (
-    check_batch_device,
-    inputs_fit,
-    loss_of_output,
-    targets_fit,
-)
+from torch_secorder.core._batch_checks import loss_of_output, targets_fit
 from torch_secorder.core._fallback import (
     has_compiled_module,
     is_functional_refusal,
@@ -36,8 +31,10 @@ from torch_secorder.core._inputs import (
     as_param_list,
     check_loss,
     check_module,
+    check_output,
     warn_zero_result,
 )
+from torch_secorder.core._model_function import ModelFunction
 from torch_secorder.core._purity import SubstitutionMode, preserved_state
 from torch_secorder.errors import StrictError
 from torch_secorder.func._fixes import differentiable
@@ -49,6 +46,7 @@ from torch_secorder.linalg.trace import TraceEstimate, chunk_ranges, hutchinson
 __all__ = [
     "LossProblem",
     "closure_problem",
+    "model_output_problem",
     "module_problem",
     "narrow_to",
     "with_graph_fallback",
@@ -596,38 +594,42 @@ def narrow_to(problem: LossProblem, names: Sequence[str], only: Sequence[str] | 
 @contextlib.contextmanager
 def module_problem(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
     inputs: Any,
-    targets: Any,
+    targets: Any = None,
     *,
     strict: bool = False,
     create_graph: bool = False,
     only: Sequence[str] | None = None,
 ) -> Iterator[LossProblem]:
-    """Build a :class:`LossProblem` for ``loss_fn(model(inputs), targets)``.
+    """The one model-level problem: ``loss_fn(model(inputs), targets)``, or ``model(inputs)``.
 
-    The parameters are ``model.parameters()`` (a shared one once); the pure
-    function runs the model through :func:`torch.func.functional_call`.  A tuple
-    ``inputs`` is unpacked into positional arguments of ``model``.  ``only``
+    With a ``loss_fn``, a scalar loss (Hessian products, diagonal, trace); with
+    ``loss_fn=None``, the model's output of any shape (Jacobian and Gauss-Newton
+    products: ``targets``, if given, is only checked to lie on the parameters'
+    device).  The parameters are ``model.parameters()`` (a
+    shared one once); the model is evaluated through the one adapter,
+    :class:`~torch_secorder.core._model_function.ModelFunction`.  ``only``
     (parameter names) restricts the differentiated tensors to those names (the
-    others are constants: see :func:`narrow_to`).
+    others are constants: see :func:`narrow_to`).  The user's state is preserved as
+    in :func:`closure_problem`.
     """
     check_module(model)
-    if not callable(loss_fn):
+    if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    named = list(model.named_parameters())
-    if not named:
-        raise ValueError("model has no parameters: nothing to differentiate")
-    names = [n for n, _ in named]
-    params = [p for _, p in named]
-    check_batch_device(params, inputs=inputs, targets=targets)
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    loss_of = loss_of_output(loss_fn, targets)  # checks the target's shape once
+    model_fn = ModelFunction(model, inputs=inputs, targets=targets)  # devices checked
+    names, params = model_fn.names, model_fn.params
+    if loss_fn is None:
+        name = "model(x)"
+
+        def finish(out: Any) -> Tensor:
+            return check_output(out, name)
+    else:
+        name = "loss_fn(model(inputs), targets)"
+        finish = loss_of_output(loss_fn, targets)  # checks the target's shape once
 
     def func() -> Tensor:
-        with inputs_fit(params, inputs):
-            out = model(*args)
-        return loss_of(out)
+        return finish(model_fn(None, inputs))
 
     with closure_problem(
         func,
@@ -635,17 +637,27 @@ def module_problem(
         strict=strict,
         create_graph=create_graph,
         model=model,
-        name="loss_fn(model(inputs), targets)",
+        name=name,
+        scalar=loss_fn is not None,
     ) as problem:
         narrow_to(problem, names, only)
         active_names = [names[i] for i in problem.active]
 
         def pure(values: tuple[Tensor, ...]) -> Tensor:
-            with problem.rewind.evaluation(), inputs_fit(params, inputs):
-                out = functional_call(model, dict(zip(active_names, values)), args)
-                return loss_of(out)
+            with problem.rewind.evaluation():
+                return finish(model_fn(model_fn.values(values, active_names), inputs))
 
-        problem.pure = pure
+        # The output's routes (jvp, vjp, vmap, jacrev, the GGN's products) run the model
+        # under the operator fixes and the math attention kernel; for a loss the engine
+        # adds them where it differentiates.
+        problem.pure = differentiable(pure) if loss_fn is None else pure
         problem.names = names
         problem.model = model
         yield problem
+
+
+def model_output_problem(
+    model: nn.Module, inputs: Any, create_graph: bool, only: Sequence[str] | None = None
+) -> contextlib.AbstractContextManager[LossProblem]:
+    """``model(inputs)`` as a problem: :func:`module_problem` without a loss."""
+    return module_problem(model, None, inputs, create_graph=create_graph, only=only)

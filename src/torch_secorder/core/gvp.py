@@ -30,14 +30,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from torch_secorder.core._batch_checks import check_batch_device, inputs_fit
 from torch_secorder.core._graph_ggn import graph_jvp
-from torch_secorder.core._inputs import as_vector_list, check_chunk_size, check_module
-from torch_secorder.core._problem import LossProblem, closure_problem, narrow_to
+from torch_secorder.core._inputs import as_vector_list, check_chunk_size, check_output
+from torch_secorder.core._problem import LossProblem, closure_problem, model_output_problem
 from torch_secorder.errors import ShapeError
-from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
 
 __all__ = [
@@ -54,16 +51,6 @@ __all__ = [
 # --------------------------------------------------------------------------- problems
 
 
-def _check_output(out: Any, name: str) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{name} must return a tensor, got {type(out).__name__}")
-    if not out.is_floating_point():
-        raise TypeError(
-            f"{name} must return a floating tensor to be differentiated, got {out.dtype}"
-        )
-    return out
-
-
 @contextlib.contextmanager
 def output_problem(
     func: Callable[[], Tensor], params: Any, create_graph: bool
@@ -73,57 +60,9 @@ def output_problem(
         inner = problem.pure
 
         def pure(values: tuple[Tensor, ...]) -> Tensor:
-            return _check_output(inner(values), "func")
+            return check_output(inner(values), "func")
 
         problem.pure = pure
-        yield problem
-
-
-@contextlib.contextmanager
-def model_output_problem(
-    model: nn.Module, inputs: Any, create_graph: bool, only: Sequence[str] | None = None
-) -> Iterator[LossProblem]:
-    """``model(inputs)`` as a pure function of the model's (active) parameters.
-
-    Runs through :func:`torch.func.functional_call`; a tuple ``inputs`` is
-    unpacked into positional arguments.  State is preserved as in
-    :func:`~torch_secorder.core._problem.module_problem`.
-    """
-    check_module(model)
-    named = list(model.named_parameters())
-    if not named:
-        raise ValueError("model has no parameters: nothing to differentiate")
-    names = [n for n, _ in named]
-    params = [p for _, p in named]
-    check_batch_device(params, inputs=inputs)
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-
-    def forward() -> Tensor:
-        with inputs_fit(params, inputs):
-            return model(*args)
-
-    with closure_problem(
-        forward,
-        params,
-        create_graph=create_graph,
-        model=model,
-        name="model(x)",
-        scalar=False,
-    ) as problem:
-        narrow_to(problem, names, only)  # the differentiated subset (operators' blocks)
-        active_names = [names[i] for i in problem.active]
-
-        # Every torch.func route (jvp, vjp, vmap, jacrev, the GGN's products) runs the
-        # model under the operator fixes and the math attention kernel.
-        @differentiable
-        def pure(values: tuple[Tensor, ...]) -> Tensor:
-            with problem.rewind.evaluation(), inputs_fit(params, inputs):
-                out = functional_call(model, dict(zip(active_names, values, strict=True)), args)
-                return _check_output(out, "model(x)")
-
-        problem.pure = pure
-        problem.names = names
-        problem.model = model
         yield problem
 
 
@@ -224,7 +163,7 @@ def _graph_jvp(problem: LossProblem, vectors: list[Tensor]) -> Tensor:
     tensors = [problem.params[i] for i in problem.active]
     tangents = [_finish(vectors[i], create_graph) for i in problem.active]
     with torch.enable_grad():
-        out = _check_output(problem.loss_closure(), "func")
+        out = check_output(problem.loss_closure(), "func")
         jv = graph_jvp(out, tensors, tangents, create_graph)
     return torch.zeros_like(out.detach()) if jv is None else _finish(jv, create_graph)
 
@@ -237,7 +176,7 @@ def problem_vjp(problem: LossProblem, u: Any, name: str = "v") -> list[Tensor]:
     # One backward pass through the closure's own graph (cheaper than a functorch vjp).
     tensors = [problem.params[i] for i in problem.active]
     with torch.enable_grad():
-        out = _check_output(problem.loss_closure(), "func")
+        out = check_output(problem.loss_closure(), "func")
         cot = _finish(_as_cotangent(u, out, name), problem.create_graph)
         if not out.requires_grad:
             return [torch.zeros_like(p) for p in problem.params]

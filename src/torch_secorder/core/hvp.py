@@ -25,10 +25,10 @@ from torch_secorder.core._inputs import (
 from torch_secorder.core._problem import (
     LossProblem,
     closure_problem,
+    model_output_problem,
     module_problem,
     with_graph_fallback,
 )
-from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
 

@@ -10,7 +10,8 @@ all layers come out of one computation over the selected parameters:
 * Empirical Fisher: :math:`\frac1N \sum_{i=1}^N \nabla_\theta \ell_i \odot
   \nabla_\theta \ell_i` with :math:`\ell_i = \text{loss\_fn}(\text{model}(x_i), y_i)`
   the loss of sample :math:`i` alone, from per-sample gradients
-  (:func:`torch.func.vmap` of :func:`torch.func.grad`).
+  (:func:`~torch_secorder.core._per_sample.empirical_sq_sum`, as the empirical
+  Fisher of :mod:`torch_secorder.approximations`).
 """
 
 from __future__ import annotations
@@ -22,14 +23,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from torch_secorder.core._inputs import check_module
-from torch_secorder.core._problem import module_problem
+from torch_secorder.core._per_sample import empirical_sq_sum
 from torch_secorder.core.hessian_diagonal import model_hessian_diagonal
 from torch_secorder.core.utils import get_params_by_module_type
-from torch_secorder.func._fixes import differentiable
-from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 
 __all__ = [
     "per_layer_hessian_diagonal",
@@ -154,69 +152,6 @@ def per_layer_hessian_diagonal(
     return _by_layer(model, layers, diag)
 
 
-def _batch_size(inputs: Any, targets: Any) -> int:
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    sizes = {}
-    for i, a in enumerate(args):
-        if not isinstance(a, Tensor) or a.dim() == 0:
-            what = "a 0-dim tensor" if isinstance(a, Tensor) else type(a).__name__
-            raise ValueError(
-                "per-sample gradients need inputs with a leading batch dimension; "
-                f"inputs[{i}] is {what}"
-            )
-        sizes[f"inputs[{i}]" if isinstance(inputs, tuple) else "inputs"] = a.shape[0]
-    if not isinstance(targets, Tensor) or targets.dim() == 0:
-        raise ValueError("per-sample gradients need targets with a leading batch dimension")
-    sizes["targets"] = targets.shape[0]
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"inputs and targets must have the same batch size, got {sizes}")
-    return targets.shape[0]
-
-
-def _empirical_fisher_diagonal_with_graph(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Any,
-    targets: Any,
-    create_graph: bool = False,
-) -> list[Tensor]:
-    r""":math:`\frac1N\sum_i g_i \odot g_i` with its graph kept (zeros for frozen tensors).
-
-    The same quantity as
-    :func:`torch_secorder.approximations.fisher_diagonal.empirical_fisher_diagonal`
-    (used when no graph is needed), differentiable.  :math:`g_i` is the gradient
-    of ``loss_fn(model(x_i[None]), y_i[None])``, computed by vmapped per-sample
-    gradients over chunks of samples.  Samples must not interact (no batch norm
-    in training mode).
-    """
-    n = _batch_size(inputs, targets)
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    with module_problem(model, loss_fn, inputs, targets, create_graph=create_graph) as problem:
-        if not problem.active:
-            return [torch.zeros_like(p) for p in problem.params]
-        names = [problem.names[i] for i in problem.active]
-
-        @differentiable
-        def sample_loss(values: tuple[Tensor, ...], xs: tuple[Tensor, ...], y: Tensor) -> Tensor:
-            batch = tuple(x.unsqueeze(0) for x in xs)
-            out = functional_call(model, dict(zip(names, values, strict=True)), batch)
-            return loss_fn(out, y.unsqueeze(0))
-
-        per_sample = torch.func.vmap(
-            torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different"
-        )
-        chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max(problem.dim, 1))
-        totals = [torch.zeros_like(p) for p in problem.primals]
-        for start in range(0, n, chunk):
-            xs = tuple(a[start : start + chunk] for a in args)
-            grads = per_sample(problem.primals, xs, targets[start : start + chunk])
-            totals = [t + (g * g).sum(0) for t, g in zip(totals, grads, strict=True)]
-        mean = [t / n for t in totals]
-        if not create_graph:
-            mean = [m.detach() for m in mean]
-        return problem.expand(mean)
-
-
 def per_layer_fisher_diagonal(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -276,13 +211,8 @@ def per_layer_fisher_diagonal(
         return {}
     selected = [p for params in layers.values() for p in params]
     with _differentiating_only(model, selected):
-        if create_graph:
-            diag = _empirical_fisher_diagonal_with_graph(model, loss_fn, inputs, targets, True)
-        else:
-            from torch_secorder.approximations.fisher_diagonal import empirical_fisher_diagonal
-
-            diag = empirical_fisher_diagonal(model, loss_fn, inputs, targets)
-    return _by_layer(model, layers, diag)
+        sums, n = empirical_sq_sum(model, loss_fn, inputs, targets, create_graph=create_graph)
+    return _by_layer(model, layers, [s / n for s in sums])
 
 
 def get_layer_curvature_stats(
