@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ShapeError", "StrictError", "UnsupportedShapeError"]
+__all__ = ["DistributedError", "ShapeError", "StrictError", "UnsupportedShapeError"]
 
 
 class ShapeError(ValueError, RuntimeError):
@@ -49,3 +49,18 @@ class UnsupportedShapeError(ShapeError, NotImplementedError):
     A :class:`ShapeError` (so a ``ValueError`` and a ``RuntimeError``) and a
     ``NotImplementedError``, which 0.0.1 raised for such outputs.
     """
+
+
+class DistributedError(RuntimeError):
+    """A rank of a process group failed during a data-parallel computation, or the
+    ranks disagreed (different vectors, different models): raised on every rank of
+    the group, with the same message, instead of leaving the others waiting in a
+    collective (see :doc:`/distributed`).
+
+    Attributes:
+        rank: The rank (in the group) that failed first or that disagreed.
+    """
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank

@@ -20,6 +20,12 @@ from torch import Tensor, nn
 
 from torch_secorder.core._inputs import check_chunk_size, check_module
 from torch_secorder.operators._data import Batches, loss_reduction
+from torch_secorder.operators._distributed import (
+    all_reduce_checked,
+    resolve_group,
+    shard_counts,
+    unwrap_model,
+)
 
 __all__ = ["CurvatureOperator"]
 
@@ -86,6 +92,14 @@ class CurvatureOperator:
             products of one batch; default: the engine's budget of ``2**24`` tangent
             entries, or 8 vectors on the CPU graph route).
         progress: Show a progress bar over the batches for passes longer than a few seconds.
+        group: Data parallelism (see :doc:`/distributed`): ``None`` (the default
+            process group when :mod:`torch.distributed` is initialised, else none),
+            ``False`` (this process's data alone), or a
+            ``torch.distributed.ProcessGroup``.  With a group, ``data`` is this rank's
+            shard, the operator is that of the union of the ranks' shards, and every
+            product, diagonal and trace is a collective that all ranks of the group call
+            with the same vectors.  A ``DistributedDataParallel`` model is unwrapped
+            (its ``.module`` is used; its hooks never fire).
     """
 
     #: What the operator is, for messages.
@@ -101,7 +115,9 @@ class CurvatureOperator:
         reduction: str | None = None,
         chunk_size: int | None = None,
         progress: bool = False,
+        group: Any = None,
     ):
+        model = unwrap_model(model)
         check_module(model)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -111,18 +127,32 @@ class CurvatureOperator:
             raise ValueError("model has no parameters: nothing to differentiate")
         self.model = model
         self.loss_fn = loss_fn
-        self.batches = Batches(data)
-        self.reduction = loss_reduction(loss_fn, reduction, self.batches.num_batches)
+        self.group = resolve_group(group)
         self.names = _select_names(named, params)
         self.chunk_size = chunk_size
         self.progress = progress
-        by_name = dict(named)
-        like = by_name[self.names[0]]
-        if self.batches.device is not None and self.batches.device != like.device:
-            raise ValueError(
-                f"data is on {self.batches.device}, but the parameters of model are on "
-                f"{like.device}"
+        like = dict(named)[self.names[0]]
+        error: Exception | None = None
+        try:  # this rank's shard: with a group, a failure must reach every rank
+            self.batches = Batches(data)
+            if self.batches.device is not None and self.batches.device != like.device:
+                raise ValueError(
+                    f"data is on {self.batches.device}, but the parameters of model are on "
+                    f"{like.device}"
+                )
+        except Exception as exc:
+            if self.group is None:
+                raise
+            error = exc
+        #: Samples and batches of the whole data set (of every rank, with a group).
+        self.total_samples, self.total_batches = (
+            (self.batches.num_samples, self.batches.num_batches)
+            if self.group is None
+            else shard_counts(
+                self.group, error, getattr(self, "batches", None), self.shape[0], like
             )
+        )
+        self.reduction = loss_reduction(loss_fn, reduction, self.total_batches)
 
     # ------------------------------------------------------------------ description
 
@@ -147,13 +177,13 @@ class CurvatureOperator:
 
     @property
     def num_samples(self) -> int:
-        """:math:`N`, the samples of the data set."""
-        return self.batches.num_samples
+        """:math:`N`, the samples of the data set (of every rank's shard, with a group)."""
+        return self.total_samples
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, "
-            f"batches={self.batches.num_batches}, samples={self.num_samples}, "
+            f"batches={self.total_batches}, samples={self.num_samples}, "
             f"reduction={self.reduction!r})"
         )
 
@@ -173,38 +203,53 @@ class CurvatureOperator:
 
     # ------------------------------------------------------------------ the data loop
 
-    def _over_data(self, per_batch: Callable[[int, Any, Tensor], Tensor], desc: str) -> Tensor:
+    def _over_data(
+        self,
+        per_batch: Callable[[int, Any, Tensor], Tensor],
+        desc: str,
+        same: Tensor | None = None,
+    ) -> Tensor:
         r""":math:`\sum_b w_b\, \text{per\_batch}(b, \text{inputs}_b, \text{targets}_b)`.
 
         The one loop over the data: :math:`w_b = N_b / N` for ``"mean"``, 1 for
         ``"sum"`` (and for a single batch).  An error raised on a batch names it.
+        With a process group (:attr:`group`), the loop runs over this rank's shard,
+        :math:`N` counts the samples of all ranks, and one all-reduce adds the ranks'
+        sums; ``same`` (the vectors of a product) must be equal on every rank, and a
+        rank that raises makes every rank raise
+        (see :mod:`torch_secorder.operators._distributed`).
         """
-        total: Tensor | None = None
-        items = self.batches.sized()
-        bar = None
-        if self.progress:
-            try:
-                from tqdm.auto import tqdm
 
-                bar = tqdm(total=self.batches.num_batches, desc=desc, delay=PROGRESS_DELAY_S)
-            except ImportError:  # pragma: no cover - tqdm is a dependency
-                bar = None
-        try:
-            for index, inputs, targets, size in items:
+        def local_sum() -> Tensor:
+            total: Tensor | None = None
+            bar = None
+            if self.progress and (self.group is None or self.group.rank() == 0):
                 try:
-                    value = per_batch(index, inputs, targets)
-                except (ValueError, TypeError, RuntimeError) as exc:
-                    raise _with_batch_index(exc, index) from None
-                if self.reduction == "mean" and self.batches.num_batches > 1:
-                    value = value * (size / self.num_samples)
-                total = value if total is None else total + value
+                    from tqdm.auto import tqdm
+
+                    bar = tqdm(total=self.batches.num_batches, desc=desc, delay=PROGRESS_DELAY_S)
+                except ImportError:  # pragma: no cover - tqdm is a dependency
+                    bar = None
+            try:
+                for index, inputs, targets, size in self.batches.sized():
+                    try:
+                        value = per_batch(index, inputs, targets)
+                    except (ValueError, TypeError, RuntimeError) as exc:
+                        raise _with_batch_index(exc, index) from None
+                    if self.reduction == "mean" and self.total_batches > 1:
+                        value = value * (size / self.total_samples)
+                    total = value if total is None else total + value
+                    if bar is not None:
+                        bar.update(1)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        assert total is not None  # Batches refuses empty data
-        return total
+                    bar.close()
+            assert total is not None  # Batches refuses empty data
+            return total
+
+        if self.group is None:
+            return local_sum()
+        return all_reduce_checked(self.group, local_sum, same=same, device=self.device, what=desc)
 
     # ------------------------------------------------------------------ per batch
 
@@ -246,7 +291,7 @@ class CurvatureOperator:
         if V.shape[0] == 0:
             return V.clone()
         return self._over_data(
-            lambda b, x, y: self._batch_matmat(b, x, y, V), f"{self.label} products"
+            lambda b, x, y: self._batch_matmat(b, x, y, V), f"{self.label} products", same=V
         )
 
     def __matmul__(self, X: Tensor) -> Tensor:
