@@ -26,6 +26,7 @@ Example:
     True
 """
 
+from torch_secorder.operators._distributed import shared_generator
 from torch_secorder.operators.base import CurvatureOperator
 from torch_secorder.operators.curvature import (
     EmpiricalFisherOperator,
@@ -40,4 +41,5 @@ __all__ = [
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "shared_generator",
 ]
