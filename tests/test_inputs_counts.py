@@ -125,6 +125,12 @@ def _chunk_calls():
         "approximations.gauss_newton.gauss_newton_matrix": (
             lambda c: approximations.gauss_newton_matrix(model, F.mse_loss, x, y, chunk_size=c)
         ),
+        "analysis.eigensolvers.model_eigenvalues": lambda c: analysis.model_eigenvalues(
+            model, F.mse_loss, x, y, chunk_size=c, tol=1e-3
+        ),
+        "analysis.eigensolvers.estimate_eigenvalues": lambda c: analysis.estimate_eigenvalues(
+            model, F.mse_loss, [(x, y)], chunk_size=c, tol=1e-3
+        ),
         "analysis.landscape.compute_loss_surface_1d": lambda c: analysis.compute_loss_surface_1d(
             model, nn.MSELoss(), x, y, direction, num_points=3, chunk_size=c
         ),

@@ -7,8 +7,9 @@ of :mod:`torch_secorder.linalg.eigen`:
 * :func:`lanczos` (alias :func:`lanczos_iteration`): Lanczos with full
   reorthogonalisation;
 * :func:`model_eigenvalues` (alias :func:`estimate_eigenvalues`): either of them
-  on the Hessian of ``loss_fn(model, data, target)``, whose products come from
-  the engine.
+  on the Hessian of a model's loss on one batch or over a data set, whose
+  products come from the engine; ``loss_fn(outputs, targets)`` as everywhere in
+  the library, or 0.0.1's ``loss_fn(model, data, target)``.
 
 By default the eigenvalues of largest magnitude are returned, as in 0.0.1, in
 decreasing :math:`|\lambda|`.  The keyword ``which`` selects others: ``"LA"``
@@ -33,10 +34,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._batch_checks import check_batch_device
-from torch_secorder.core._inputs import check_module, check_positive_int, zero_result_unwarned
-from torch_secorder.core._problem import closure_problem
-from torch_secorder.func._tree import tree_unravel
+from torch_secorder.analysis._model_hessian import model_hessian
+from torch_secorder.core._inputs import check_chunk_size, check_module, check_positive_int
+from torch_secorder.core.hessian_diagonal import NO_BATCH
 from torch_secorder.linalg.eigen import EigenResult, lanczos_eigsh, subspace_iteration
 
 __all__ = [
@@ -281,9 +281,9 @@ lanczos_iteration = lanczos
 
 def model_eigenvalues(
     model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any, Any], Tensor],
+    loss_fn: Callable[..., Tensor],
     data: Any,
-    target: Any,
+    target: Any = NO_BATCH,
     num_eigenvalues: int = 1,
     method: str = "lanczos",
     num_iterations: int = 100,
@@ -293,21 +293,46 @@ def model_eigenvalues(
     which: str = "LM",
     generator: torch.Generator | None = None,
     strategy: str = "auto",
+    reduction: str | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
     return_info: bool = False,
 ) -> tuple[Tensor, list[list[Tensor]]] | tuple[Tensor, list[list[Tensor]], EigenInfo]:
-    r"""Extreme eigenpairs of the Hessian of ``loss_fn(model, data, target)`` w.r.t. the parameters.
+    r"""Extreme eigenpairs of the Hessian of a model's loss w.r.t. its parameters.
 
     The Hessian is never formed: the solver uses Hessian-vector products from the
-    engine (:meth:`~torch_secorder.core._problem.LossProblem.matmat`).  Nothing of
+    engine (the one model-level problem,
+    :meth:`~torch_secorder.core._problem.LossProblem.matmat`, or a
+    :class:`~torch_secorder.operators.HessianOperator` over a data set).  Nothing of
     the model changes (parameters, ``.grad``, ``requires_grad``, training flags,
     buffers), also on error; in training mode dropout uses one fixed mask.
+
+    ``loss_fn`` may follow either convention; which one is read from its signature,
+    never by calling it:
+
+    * the library's, ``loss_fn(outputs, targets)`` (``nn.MSELoss()``,
+      ``F.cross_entropy``, any callable that takes two positional arguments, or
+      either two or three): the loss is ``loss_fn(model(data), target)``, as in
+      :func:`~torch_secorder.core.hessian_trace.model_hessian_trace`;
+    * torch-secorder 0.0.1's, ``loss_fn(model, data, target)`` (exactly three
+      positional arguments): the loss is that call.
+
+    Over a data set, omit ``target``: ``data`` is then one ``(inputs, targets)``
+    batch or an iterable of batches (a ``DataLoader``), the loss is the mean over
+    all samples (batches weighted by their size) for a mean loss, or their sum for a
+    summed one (see :mod:`torch_secorder.operators`; ``reduction=`` for a plain
+    function that does not declare it), and ``loss_fn`` must be of the library's
+    convention.  Each product is a pass over the data, with a progress bar over the
+    batches for passes longer than a few seconds (``progress=False`` hides it).
 
     Args:
         model: The network; its parameters are the variables.  Parameters that
             do not require grad are held fixed (zero entries in the eigenvectors).
-        loss_fn: ``loss_fn(model, data, target)`` returning a scalar.
-        data: Passed to ``loss_fn``.
-        target: Passed to ``loss_fn``.
+        loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, data, target)``,
+            returning a scalar.
+        data: The model's input (one batch, with ``target``), or the data set
+            (``target`` omitted).
+        target: The targets of the batch ``data``; omitted for a data set.
         num_eigenvalues: Number of eigenpairs.
         method: ``"lanczos"`` or ``"power_iteration"``.
         num_iterations: Largest number of products (Lanczos) or block products
@@ -319,10 +344,14 @@ def model_eigenvalues(
         generator: Source of the random start (on the parameters' device).
         strategy: How Hessian products are computed (see
             :data:`torch_secorder.core._problem.STRATEGIES`).
+        reduction: ``"mean"`` or ``"sum"``, the data set form only, for a loss that
+            does not declare its reduction.
+        chunk_size: Vectors per batched Hessian-vector product.
+        progress: Progress bars over the batches of a data set.
         return_info: Also return an :class:`EigenInfo`: the residual norms
             :math:`\|H y - \theta y\|` of the pairs (over all parameters,
             ``y`` of unit norm), their converged flags, and the Hessian-vector
-            products used.
+            products used (each a pass over the data set in the data set form).
 
     Returns:
         ``(eigenvalues, eigenvectors)``: a ``(num_eigenvalues,)`` tensor and a
@@ -332,23 +361,34 @@ def model_eigenvalues(
         ``num_iterations`` before every pair met ``tol`` warns (``RuntimeWarning``).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``loss_fn`` not callable.
-        ValueError: unknown ``method`` or ``which``, bad counts.
+        TypeError: ``model`` is not an ``nn.Module``; ``loss_fn`` is not callable or
+            takes neither two nor three positional arguments; a loss of 0.0.1's
+            convention without ``target``.
+        ValueError: unknown ``method`` or ``which``, bad counts, a loss that does
+            not depend on the parameters.
+
+    Differences from 0.0.1: ``loss_fn(outputs, targets)`` is accepted (0.0.1 took
+    only ``loss_fn(model, data, target)``), and so is a data set in place of one
+    batch; ``target`` may be omitted for that.
 
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(2, 1, bias=False)
         >>> with torch.no_grad():
         ...     _ = model.weight.copy_(torch.tensor([[1.0, 1.0]]))
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-        >>> loss = lambda m, x, y: ((m(x) - y) ** 2).sum()
-        >>> vals, vecs = model_eigenvalues(model, loss, x, torch.zeros(2, 1), 2)
+        >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1)
+        >>> loss = lambda m, x, y: ((m(x) - y) ** 2).sum()  # 0.0.1's convention
+        >>> vals, vecs = model_eigenvalues(model, loss, x, y, 2)
         >>> [round(float(v), 4) for v in vals], len(vecs), vecs[0][0].shape
         ([8.0, 2.0], 2, torch.Size([1, 2]))
-        >>> vals, vecs, info = model_eigenvalues(model, loss, x, torch.zeros(2, 1), 1,
-        ...                                      return_info=True)
-        >>> bool(info.converged[0]), info.matvecs
-        (True, 2)
+        >>> sse = torch.nn.MSELoss(reduction="sum")  # the library's convention
+        >>> vals, vecs, info = model_eigenvalues(model, sse, x, y, 1, return_info=True)
+        >>> round(float(vals[0]), 4), bool(info.converged[0]), info.matvecs
+        (8.0, True, 2)
+        >>> batches = [(x[:1], y[:1]), (x[1:], y[1:])]  # a data set: target omitted
+        >>> vals, _ = model_eigenvalues(model, sse, batches, num_eigenvalues=2)
+        >>> [round(float(v), 4) for v in vals]
+        [8.0, 2.0]
     """
     check_module(model)
     if not callable(loss_fn):
@@ -357,44 +397,32 @@ def model_eigenvalues(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_positive_int(num_eigenvalues, "num_eigenvalues")
     check_positive_int(num_iterations, "num_iterations")
-    params = list(model.parameters())
-    if not params:
-        raise ValueError("model has no parameters: nothing to differentiate")
-    if not any(p.requires_grad for p in params):
-        raise ValueError("no parameter of model requires grad: nothing to differentiate")
-    check_batch_device(params, data=data, target=target)
-
-    def closure() -> Tensor:
-        return loss_fn(model, data, target)
-
-    with (
-        zero_result_unwarned(),
-        closure_problem(
-            closure, params, model=model, name="loss_fn(model, data, target)"
-        ) as problem,
-    ):
-        if not problem.active:  # the loss depends on none of them: no zeros, an error
-            raise ValueError(
-                "loss_fn(model, data, target) does not depend on the parameters of model "
-                "(it does not require grad): the Hessian is zero, no eigenvalues to compute"
-            )
+    check_chunk_size(chunk_size)
+    with model_hessian(
+        model,
+        loss_fn,
+        data,
+        target,
+        name="model_eigenvalues",
+        reduction=reduction,
+        chunk_size=chunk_size,
+        strategy=strategy,
+        progress=progress,
+    ) as H:
         solver = lanczos_eigsh if method.lower() == "lanczos" else subspace_iteration
-        counted = _Counted(problem.matmat(strategy))
+        counted = _Counted(H.matmat)
         res: EigenResult = solver(
             counted,
-            problem.dim,
+            H.dim,
             num_eigenvalues,
             which=which,
             max_iter=num_iterations,
             tol=tol,
-            dtype=problem.dtype,
-            device=problem.device,
+            dtype=H.dtype,
+            device=H.device,
             generator=generator,
         )
-        vectors = [
-            problem.expand(list(tree_unravel(row, list(problem.primals))))
-            for row in res.eigenvectors
-        ]
+        vectors = [H.as_params(row) for row in res.eigenvectors]
     values = res.eigenvalues
     if device is not None:
         values = values.to(device)

@@ -10,6 +10,7 @@ does not fit: :class:`~torch_secorder.errors.ShapeError`, also a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 import warnings
@@ -31,6 +32,7 @@ __all__ = [
     "check_num_samples",
     "check_output",
     "check_positive_int",
+    "loss_convention",
     "as_vector_list",
     "warn_zero_result",
     "zero_result_unwarned",
@@ -88,6 +90,47 @@ def check_output(out: Any, name: str) -> Tensor:
             f"{name} must return a floating tensor to be differentiated, got {out.dtype}"
         )
     return out
+
+
+def _binds(signature: inspect.Signature, count: int) -> bool:
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        return False
+    return True
+
+
+def loss_convention(loss_fn: Any, name: str = "loss_fn") -> str:
+    """Which arguments ``loss_fn`` takes: ``"outputs"`` or ``"model"``, read from its signature.
+
+    The library's convention is ``loss_fn(outputs, targets)`` (``"outputs"``);
+    torch-secorder 0.0.1's ``model_eigenvalues`` took ``loss_fn(model, data, target)``
+    (``"model"``).  A callable that takes exactly three positional arguments is
+    0.0.1's; one that takes two, or either (variadic arguments, defaults), or whose
+    signature cannot be read (a builtin) is the library's.  Neither two nor three
+    positional arguments: ``TypeError`` naming ``loss_fn``.
+
+    Example:
+        >>> import torch
+        >>> loss_convention(torch.nn.MSELoss()), loss_convention(lambda m, x, y: m(x).sum())
+        ('outputs', 'model')
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"{name} must be callable, got {type(loss_fn).__name__}")
+    target = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a readable signature
+        return "outputs"
+    two, three = _binds(signature, 2), _binds(signature, 3)
+    if three and not two:
+        return "model"
+    if two:
+        return "outputs"
+    raise TypeError(
+        f"{name} must take (outputs, targets) (or, for model_eigenvalues, torch-secorder "
+        f"0.0.1's (model, data, target)), got a callable with signature {signature}"
+    )
 
 
 def check_num_samples(num_samples: Any, name: str = "num_samples") -> int:

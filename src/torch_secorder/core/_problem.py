@@ -32,6 +32,7 @@ from torch_secorder.core._inputs import (
     check_loss,
     check_module,
     check_output,
+    loss_convention,
     warn_zero_result,
 )
 from torch_secorder.core._model_function import ModelFunction
@@ -615,8 +616,12 @@ def module_problem(
     in :func:`closure_problem`.
     """
     check_module(model)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if loss_fn is not None and loss_convention(loss_fn) == "model":
+        raise TypeError(
+            "loss_fn takes (model, data, target), torch-secorder 0.0.1's convention of "
+            "model_eigenvalues; here loss_fn is called as loss_fn(model(inputs), targets): "
+            "pass a loss of (outputs, targets), e.g. torch.nn.MSELoss()"
+        )
     model_fn = ModelFunction(model, inputs=inputs, targets=targets)  # devices checked
     names, params = model_fn.names, model_fn.params
     if loss_fn is None:
