@@ -22,6 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from torch_secorder import (
+    model_hessian_diagonal,
+    model_hessian_trace,
+    model_hessian_trace_estimate,
+)
 from torch_secorder.errors import DistributedError
 from torch_secorder.linalg import hutchinson, hutchpp, lanczos_eigsh, stochastic_lanczos_quadrature
 from torch_secorder.operators import (
@@ -116,6 +121,21 @@ def operator_checks(group: Any, world: int, rank: int, out: dict[str, Any]) -> N
         if name == "hessian":
             out[f"{prefix}/hessian/block"] = A.block(["2.weight"]).matmat(V[:, -18:-3])
             estimators(A, out, f"{prefix}/hessian")
+    # The documented functions, data= this rank's shard.
+    out[f"{prefix}/doc/trace"] = model_hessian_trace(
+        model, loss_fn, data=batches, group=group, progress=False
+    )
+    est = model_hessian_trace_estimate(
+        model, loss_fn, num_samples=10, data=batches, group=group, generator=gen(9)
+    )
+    out[f"{prefix}/doc/trace_estimate"] = est.samples
+    diagonal = model_hessian_diagonal(model, loss_fn, data=batches, group=group, progress=False)
+    out[f"{prefix}/doc/diagonal"] = torch.cat([d.reshape(-1) for d in diagonal])
+    torch.manual_seed(200 + rank)  # generator=None: rank 0's seed, on every rank
+    est = model_hessian_trace_estimate(
+        model, loss_fn, num_samples=10, data=batches, group=group, progress=False
+    )
+    out[f"{prefix}/doc/trace_estimate_no_generator"] = est.samples
     # Ranks seeded differently: the shared generator gives every rank the same probes.
     torch.manual_seed(100 + rank)
     A = HessianOperator(model, loss_fn, batches, group=group)
@@ -145,6 +165,8 @@ def ddp_checks(group: Any, rank: int, out: dict[str, Any]) -> None:
         out[f"ddp/hessian_{strategy}/matmat"] = A.matmat(V)
         out[f"ddp/hessian_{strategy}/diagonal"] = A.diagonal()
     out["ddp/ggn/matmat"] = GGNOperator(ddp, loss_fn, batches, group=group).matmat(V)
+    diagonal = model_hessian_diagonal(ddp, loss_fn, data=batches, group=group, progress=False)
+    out["ddp/doc/diagonal"] = torch.cat([d.reshape(-1) for d in diagonal])
     out["ddp/hook_calls"] = torch.tensor(len(calls))
     out["ddp/grads_none"] = torch.tensor(all(p.grad is None for p in ddp.parameters()))
     out["ddp/training"] = torch.tensor(ddp.training and ddp.module.training)

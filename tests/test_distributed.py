@@ -191,6 +191,38 @@ def test_estimators_equal_the_single_process_run(ranks, world: int) -> None:
 
 
 @pytest.mark.parametrize("world", GROUPS)
+def test_documented_functions_take_the_group(ranks, dense, world: int) -> None:
+    """model_hessian_trace(_estimate) and model_hessian_diagonal with data= and group=."""
+    from torch_secorder import model_hessian_trace_estimate
+
+    H = dense[world]["hessian"]
+    model, loss_fn, X, y = worker.make_problem(worker.KINDS[world])
+    ref = model_hessian_trace_estimate(
+        model, loss_fn, num_samples=10, data=(X, y), generator=worker.gen(9), progress=False
+    )
+    for rank in _members(world):
+        out = ranks[rank]
+        assert_close(out[f"w{world}/doc/trace"], torch.trace(H))
+        assert_close(out[f"w{world}/doc/diagonal"], torch.diagonal(H))
+        assert_close(out[f"w{world}/doc/trace_estimate"], ref.samples)
+        assert torch.isfinite(out[f"w{world}/doc/trace_estimate_no_generator"]).all()
+
+
+def test_group_needs_the_data_form() -> None:
+    from torch_secorder import model_hessian_diagonal, model_hessian_trace
+
+    model, loss_fn, X, y = worker.make_problem("ce")
+    for fn in (model_hessian_trace, model_hessian_diagonal):
+        with pytest.raises(ValueError, match="group= needs data="):
+            fn(model, loss_fn, X, y, group=object())
+    # group=False: this process alone, the one-batch form as before
+    assert_close(
+        model_hessian_trace(model, loss_fn, X, y, group=False, progress=False),
+        model_hessian_trace(model, loss_fn, X, y, progress=False),
+    )
+
+
+@pytest.mark.parametrize("world", GROUPS)
 def test_results_identical_bit_for_bit_across_ranks(ranks, world: int) -> None:
     """Products, diagonals, traces and estimates are the same tensors on every rank."""
     keys = [k for k in ranks[0] if k.startswith(f"w{world}/")]
@@ -223,6 +255,7 @@ def test_ddp_model_accepted_without_its_all_reduce(ranks, dense) -> None:
             assert_close(out[f"ddp/hessian_{strategy}/matmat"], V @ H)
             assert_close(out[f"ddp/hessian_{strategy}/diagonal"], torch.diagonal(H))
         assert_close(out["ddp/ggn/matmat"], V @ G)
+        assert_close(out["ddp/doc/diagonal"], torch.diagonal(H))
         assert int(out["ddp/hook_calls"]) == 0
         assert bool(out["ddp/grads_none"])
         assert bool(out["ddp/training"])

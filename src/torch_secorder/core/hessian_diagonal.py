@@ -165,6 +165,7 @@ def model_hessian_diagonal(
     reduction: str | None = None,
     chunk_size: int | None = None,
     progress: bool = True,
+    group: Any = None,
 ) -> list[Tensor]:
     r"""Exact Hessian diagonal of ``loss_fn(model(inputs), targets)`` w.r.t. ``model.parameters()``.
 
@@ -190,6 +191,9 @@ def model_hessian_diagonal(
             are not supported with ``data``.
         reduction: With ``data``, ``"mean"`` or ``"sum"`` for a plain-function
             ``loss_fn`` that does not declare its reduction.
+        group: With ``data`` (this rank's shard), data parallelism as for the
+            operators (see :doc:`/distributed`): the diagonal over the union of the
+            ranks' shards, the same on every rank.
 
     Returns:
         One tensor per parameter of ``model.parameters()``.
@@ -206,7 +210,8 @@ def model_hessian_diagonal(
         [tensor([[2., 8.]])]
     """
     check_chunk_size(chunk_size)
-    if data is not None or inputs is NO_BATCH or targets is NO_BATCH:
+    grouped = group is not None and group is not False
+    if data is not None or inputs is NO_BATCH or targets is NO_BATCH or grouped:
         from torch_secorder.operators import _convenience  # operators import core
 
         _convenience.data_or_batch(
@@ -214,6 +219,7 @@ def model_hessian_diagonal(
             inputs,
             targets,
             data,
+            group,
             create_graph=create_graph,
             strict=strict,
         )
@@ -225,6 +231,7 @@ def model_hessian_diagonal(
             chunk_size=chunk_size,
             strategy="auto",
             progress=progress,
+            group=group,
         )
         return _convenience.operator_diagonal(model, A)
     with module_problem(

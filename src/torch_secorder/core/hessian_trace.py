@@ -184,6 +184,7 @@ def model_hessian_trace(
     chunk_size: int | None = None,
     strategy: str = "auto",
     progress: bool = True,
+    group: Any = None,
 ) -> Tensor:
     r"""Trace of the Hessian of ``loss_fn(model(inputs), targets)`` w.r.t. ``model.parameters()``.
 
@@ -201,6 +202,9 @@ def model_hessian_trace(
     :class:`~torch_secorder.operators.HessianOperator` computes it;
     ``reduction=`` for a plain-function loss that does not declare its
     reduction).  ``create_graph`` and ``strict`` are not supported with ``data=``.
+    Data-parallel: ``group=`` (with ``data=``, this rank's shard) as for the operators
+    (see :doc:`/distributed`): the trace over the union of the ranks' shards, the
+    same on every rank.
 
     Example:
         >>> import torch
@@ -231,6 +235,7 @@ def model_hessian_trace(
         chunk_size=chunk_size,
         strategy=strategy,
         progress=progress,
+        group=group,
     ).estimate
 
 
@@ -249,10 +254,13 @@ def model_hessian_trace_estimate(
     chunk_size: int | None = None,
     strategy: str = "auto",
     progress: bool = True,
+    group: Any = None,
 ) -> TraceEstimate:
     """Like :func:`model_hessian_trace`, returning ``(estimate, std_error, samples)``.
 
-    ``data=`` as in :func:`model_hessian_trace`.
+    ``data=`` and ``group=`` as in :func:`model_hessian_trace` (with a group, the
+    probes are drawn alike on every rank: ``generator`` seeded identically, or
+    ``None`` for rank 0's seed; see :func:`~torch_secorder.operators.shared_generator`).
 
     Example:
         >>> import torch
@@ -269,7 +277,13 @@ def model_hessian_trace_estimate(
     check_count(num_samples, "num_samples", allow_none=True)
     check_chunk_size(chunk_size)
     if _over_data(
-        "model_hessian_trace", inputs, targets, data, create_graph=create_graph, strict=strict
+        "model_hessian_trace",
+        inputs,
+        targets,
+        data,
+        group=group,
+        create_graph=create_graph,
+        strict=strict,
     ):
         A = _hessian_operator(
             model,
@@ -279,6 +293,7 @@ def model_hessian_trace_estimate(
             chunk_size=chunk_size,
             strategy=strategy,
             progress=progress,
+            group=group,
         )
         return _operator_trace(
             model, A, num_samples, generator=generator, chunk_size=chunk_size, progress=progress
@@ -296,10 +311,12 @@ def model_hessian_trace_estimate(
         )
 
 
-def _over_data(name: str, inputs: Any, targets: Any, data: Any, **unsupported: Any) -> bool:
+def _over_data(
+    name: str, inputs: Any, targets: Any, data: Any, group: Any = None, **unsupported: Any
+) -> bool:
     from torch_secorder.operators._convenience import data_or_batch  # operators import core
 
-    return data_or_batch(name, inputs, targets, data, **unsupported)
+    return data_or_batch(name, inputs, targets, data, group, **unsupported)
 
 
 def _hessian_operator(*args: Any, **kwargs: Any) -> Any:

@@ -11,18 +11,27 @@ from torch import Tensor, nn
 from torch_secorder.core._inputs import check_generator, check_num_samples, warn_zero_result
 from torch_secorder.core.hessian_diagonal import NO_BATCH
 from torch_secorder.linalg.trace import TraceEstimate, hutchinson
+from torch_secorder.operators._distributed import shared_generator
 from torch_secorder.operators.curvature import HessianOperator
 
 __all__ = ["data_or_batch", "hessian_operator_of", "operator_diagonal", "operator_trace"]
 
 
-def data_or_batch(name: str, inputs: Any, targets: Any, data: Any, **unsupported: Any) -> bool:
+def data_or_batch(
+    name: str, inputs: Any, targets: Any, data: Any, group: Any = None, **unsupported: Any
+) -> bool:
     """Whether the call is the ``data=`` form; a clear error for a mix of both forms.
 
     ``unsupported`` holds arguments of the one-batch form that the ``data=`` form
     does not take (``create_graph``, ``strict``): they must be ``False`` with ``data``.
+    A ``group`` (other than ``None`` or ``False``) needs the ``data=`` form.
     """
     if data is None:
+        if group is not None and group is not False:
+            raise ValueError(
+                f"{name}(): group= needs data= (this rank's shard: one (inputs, targets) batch "
+                "or an iterable of batches)"
+            )
         if inputs is NO_BATCH or targets is NO_BATCH:
             raise TypeError(
                 f"{name}() needs inputs and targets (one batch), or data= (a batch or a DataLoader)"
@@ -48,6 +57,7 @@ def hessian_operator_of(
     chunk_size: int | None,
     strategy: str,
     progress: bool,
+    group: Any = None,
 ) -> HessianOperator | None:
     """The Hessian operator over ``data``; ``None`` (with a warning) if nothing requires grad."""
     if not isinstance(model, nn.Module):
@@ -63,6 +73,7 @@ def hessian_operator_of(
         chunk_size=chunk_size,
         progress=progress,
         strategy=strategy,
+        group=group,
     )
 
 
@@ -87,6 +98,9 @@ def operator_trace(
     if num_samples is None or num_samples >= n:
         exact = A.trace()
         return TraceEstimate(exact, torch.zeros_like(exact), exact.reshape(1))
+    if A.group is not None:  # the same probes on every rank; one progress bar
+        generator = shared_generator(generator, A.group, A.device)
+        progress = progress and A.group.rank() == 0
     return hutchinson(
         A.matmat,
         n,
@@ -105,4 +119,5 @@ def operator_diagonal(model: nn.Module, A: HessianOperator | None) -> list[Tenso
     if A is None:
         return [torch.zeros_like(p) for p in params]
     pieces = dict(zip(A.names, A.unflatten(A.diagonal()), strict=True))
-    return [pieces.get(name, torch.zeros_like(p)) for name, p in model.named_parameters()]
+    # A.model: the module itself when model is a DistributedDataParallel wrapper
+    return [pieces.get(name, torch.zeros_like(p)) for name, p in A.model.named_parameters()]
