@@ -433,3 +433,19 @@ def test_jacobian_vector_product_model_and_closure_form(kind):
     assert with_graph.requires_grad
     assert_close(with_graph, expected)
     _untouched(model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_graph_ggn_block_shares_one_forward_pass(kind):
+    """``J^T H_out J V`` for a block of vectors: one forward pass of the model, all columns."""
+    model = build(kind)
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    V = torch.randn(5, N, generator=torch.Generator().manual_seed(7), dtype=DT)
+    expected = V @ _ggn_matrix(plain_output)  # symmetric: rows V G
+    with module_problem(model, None, X, Y) as problem:
+        calls.clear()
+        rows = problem.graph_ggn_matmat(F.cross_entropy, Y, V)
+        assert len(calls) == 1
+    assert_close(rows, expected)
+    _untouched(model)

@@ -26,7 +26,7 @@ from torch_secorder.core._fallback import (
     is_functional_refusal,
     is_graph_refusal,
 )
-from torch_secorder.core._graph_ggn import graph_jvp
+from torch_secorder.core._graph_ggn import transposed_jacobian
 from torch_secorder.core._inputs import (
     as_param_list,
     check_loss,
@@ -387,14 +387,16 @@ class LossProblem:
             for p, t, primal in zip(pieces, tensors, self.primals, strict=True)
         ]
 
-    def graph_ggn_product(
-        self, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Any, v: list[Tensor]
+    def graph_ggn_rows(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Any, vectors: list[Tensor]
     ) -> list[Tensor]:
-        r"""``J^T H_out J v`` of an output problem, on one autograd graph.
+        r"""``J^T H_out J v_r`` for a batch of vectors, on one autograd graph.
 
-        The route for models that ``torch.func`` refuses; ``v`` has one tensor per
-        tensor of ``params``, the result likewise.  One forward pass of the model gives
-        the output :math:`z` and its graph; then
+        The route for models that ``torch.func`` refuses.  ``vectors`` has one
+        ``(k, *shape)`` tensor per active tensor (``k`` vectors), the result likewise.
+        One forward pass of the model gives the output :math:`z` and its graph, shared
+        by all ``k`` vectors; then, each step one batched backward pass
+        (``is_grads_batched``):
 
         * :math:`J v` by the double-vjp trick: :math:`a(u) = J^\top u` is linear in a
           dummy cotangent :math:`u`, and the backward pass of :math:`a(u)^\top v`
@@ -403,34 +405,67 @@ class LossProblem:
           :math:`\nabla_z \ell(z, y)^\top (J v)` with respect to :math:`z`;
         * :math:`J^\top w`: a backward pass of :math:`z` with cotangent :math:`w`.
         """
+        k = vectors[0].shape[0] if vectors else 0
+        zeros = [torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) for p in self.primals]
         if not self.active:
-            return [torch.zeros_like(p) for p in self.params]
+            return zeros
         tensors = [self.params[i] for i in self.active]
         create_graph = self.create_graph
-        vectors = [v[i] if create_graph else v[i].detach() for i in self.active]
+        vectors = [v if create_graph else v.detach() for v in vectors]
         loss_on_output = differentiable(loss_fn)
         with torch.enable_grad():
             out = self.loss_closure()
             with targets_fit(loss_fn, out, targets):  # a target unlike the output: ShapeError
                 loss = check_loss(loss_on_output(out, targets), "loss_fn(model(x), y)")
-            jv = graph_jvp(out, tensors, vectors, create_graph)
-            if jv is None:
-                return [torch.zeros_like(p) for p in self.params]
+            dummy, pulled = transposed_jacobian(out, tensors)
+            used = [j for j, a in enumerate(pulled) if a is not None and a.requires_grad]
+            if not used:
+                return zeros
+            (jv,) = torch.autograd.grad(
+                [pulled[j] for j in used],
+                dummy,
+                grad_outputs=[vectors[j] for j in used],
+                retain_graph=True,
+                create_graph=create_graph,
+                is_grads_batched=True,
+            )
             (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
             if not g_out.requires_grad:  # a loss linear in the output
-                return [torch.zeros_like(p) for p in self.params]
+                return zeros
             (w,) = torch.autograd.grad(
-                g_out, out, grad_outputs=jv, retain_graph=True, create_graph=create_graph
+                g_out,
+                out,
+                grad_outputs=jv,
+                retain_graph=True,
+                create_graph=create_graph,
+                is_grads_batched=True,
             )
             product = torch.autograd.grad(
-                out, tensors, grad_outputs=w, create_graph=create_graph, allow_unused=True
+                out,
+                tensors,
+                grad_outputs=w,
+                create_graph=create_graph,
+                allow_unused=True,
+                is_grads_batched=True,
             )
-        return self.expand(
-            [
-                torch.zeros_like(p) if r is None else (r if create_graph else r.detach())
-                for r, p in zip(product, self.primals, strict=True)
-            ]
-        )
+        return [
+            z if r is None else (r if create_graph else r.detach())
+            for r, z in zip(product, zeros, strict=True)
+        ]
+
+    def graph_ggn_matmat(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Any, V: Tensor
+    ) -> Tensor:
+        """:meth:`graph_ggn_rows` on flat ``(k, dim)`` rows over the active tensors."""
+        rows = self.graph_ggn_rows(loss_fn, targets, list(tree_unravel(V, list(self.primals))))
+        return tree_ravel(rows, batch_dims=1)
+
+    def graph_ggn_product(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Any, v: list[Tensor]
+    ) -> list[Tensor]:
+        """:meth:`graph_ggn_rows` of one vector ``v`` (one tensor per tensor of ``params``)."""
+        rows = self.graph_ggn_rows(loss_fn, targets, [v[i][None] for i in self.active])
+        return self.expand([r[0] for r in rows])
 
 
 def with_graph_fallback(
