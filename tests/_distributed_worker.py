@@ -27,6 +27,7 @@ from torch_secorder import (
     model_hessian_trace,
     model_hessian_trace_estimate,
 )
+from torch_secorder.analysis import model_eigenvalues, model_spectral_density
 from torch_secorder.errors import DistributedError
 from torch_secorder.linalg import hutchinson, hutchpp, lanczos_eigsh, stochastic_lanczos_quadrature
 from torch_secorder.operators import (
@@ -131,6 +132,31 @@ def operator_checks(group: Any, world: int, rank: int, out: dict[str, Any]) -> N
     out[f"{prefix}/doc/trace_estimate"] = est.samples
     diagonal = model_hessian_diagonal(model, loss_fn, data=batches, group=group, progress=False)
     out[f"{prefix}/doc/diagonal"] = torch.cat([d.reshape(-1) for d in diagonal])
+    values, _ = model_eigenvalues(
+        model,
+        loss_fn,
+        batches,
+        num_eigenvalues=3,
+        which="LA",
+        tol=1e-10,
+        num_iterations=200,
+        generator=gen(10),
+        group=group,
+        progress=False,
+    )
+    out[f"{prefix}/doc/eigenvalues"] = values
+    density = model_spectral_density(
+        model,
+        loss_fn,
+        data=batches,
+        num_steps=8,
+        num_probes=3,
+        generator=gen(11),
+        group=group,
+        progress=False,
+    )
+    out[f"{prefix}/doc/density_nodes"] = density.nodes
+    out[f"{prefix}/doc/density_weights"] = density.weights
     torch.manual_seed(200 + rank)  # generator=None: rank 0's seed, on every rank
     est = model_hessian_trace_estimate(
         model, loss_fn, num_samples=10, data=batches, group=group, progress=False

@@ -192,16 +192,41 @@ def test_estimators_equal_the_single_process_run(ranks, world: int) -> None:
 
 @pytest.mark.parametrize("world", GROUPS)
 def test_documented_functions_take_the_group(ranks, dense, world: int) -> None:
-    """model_hessian_trace(_estimate) and model_hessian_diagonal with data= and group=."""
+    """The documented functions with data= (this rank's shard) and group=."""
     from torch_secorder import model_hessian_trace_estimate
+    from torch_secorder.analysis import model_eigenvalues, model_spectral_density
 
     H = dense[world]["hessian"]
     model, loss_fn, X, y = worker.make_problem(worker.KINDS[world])
     ref = model_hessian_trace_estimate(
         model, loss_fn, num_samples=10, data=(X, y), generator=worker.gen(9), progress=False
     )
+    values, _ = model_eigenvalues(
+        model,
+        loss_fn,
+        (X, y),
+        num_eigenvalues=3,
+        which="LA",
+        tol=1e-10,
+        num_iterations=200,
+        generator=worker.gen(10),
+        progress=False,
+    )
+    density = model_spectral_density(
+        model,
+        loss_fn,
+        data=(X, y),
+        num_steps=8,
+        num_probes=3,
+        generator=worker.gen(11),
+        progress=False,
+    )
+    assert_close(values, torch.linalg.eigvalsh(H).flip(0)[:3])
     for rank in _members(world):
         out = ranks[rank]
+        assert_close(out[f"w{world}/doc/eigenvalues"], values)
+        assert_close(out[f"w{world}/doc/density_nodes"], density.nodes)
+        assert_close(out[f"w{world}/doc/density_weights"], density.weights)
         assert_close(out[f"w{world}/doc/trace"], torch.trace(H))
         assert_close(out[f"w{world}/doc/diagonal"], torch.diagonal(H))
         assert_close(out[f"w{world}/doc/trace_estimate"], ref.samples)
@@ -210,10 +235,14 @@ def test_documented_functions_take_the_group(ranks, dense, world: int) -> None:
 
 def test_group_needs_the_data_form() -> None:
     from torch_secorder import model_hessian_diagonal, model_hessian_trace
+    from torch_secorder.analysis import model_eigenvalues, model_spectral_density
 
     model, loss_fn, X, y = worker.make_problem("ce")
     for fn in (model_hessian_trace, model_hessian_diagonal):
         with pytest.raises(ValueError, match="group= needs data="):
+            fn(model, loss_fn, X, y, group=object())
+    for fn in (model_eigenvalues, model_spectral_density):
+        with pytest.raises(ValueError, match="group= is for the data set form"):
             fn(model, loss_fn, X, y, group=object())
     # group=False: this process alone, the one-batch form as before
     assert_close(

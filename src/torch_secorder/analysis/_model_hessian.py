@@ -48,6 +48,9 @@ class ModelHessian:
         device: Device of the rows.
         as_params: A flat ``(dim,)`` row as one tensor per parameter of the model
             (zeros for the parameters held fixed).
+        shared: ``generator -> generator`` drawing the same numbers on every rank of
+            the data set form's process group (see :doc:`/distributed`); else the
+            generator itself.
     """
 
     matmat: Callable[[Tensor], Tensor]
@@ -55,6 +58,7 @@ class ModelHessian:
     dtype: torch.dtype
     device: torch.device
     as_params: Callable[[Tensor], list[Tensor]]
+    shared: Callable[[Any], Any] = lambda generator: generator
 
 
 def _over_data(
@@ -67,8 +71,10 @@ def _over_data(
     chunk_size: int | None,
     strategy: str,
     progress: bool,
+    group: Any = None,
 ) -> ModelHessian:
-    from torch_secorder.operators import HessianOperator  # operators sit above core
+    # operators sit above core
+    from torch_secorder.operators import HessianOperator, shared_generator
 
     A = HessianOperator(
         model,
@@ -78,13 +84,18 @@ def _over_data(
         chunk_size=chunk_size,
         strategy=strategy,
         progress=progress,
+        group=group,
     )
 
     def as_params(row: Tensor) -> list[Tensor]:
         pieces = dict(zip(A.names, A.unflatten(row), strict=True))
-        return [pieces.get(n, torch.zeros_like(p)) for n, p in model.named_parameters()]
+        # A.model: the module itself when model is a DistributedDataParallel wrapper
+        return [pieces.get(n, torch.zeros_like(p)) for n, p in A.model.named_parameters()]
 
-    return ModelHessian(A.matmat, A.shape[0], A.dtype, A.device, as_params)
+    def shared(generator: Any) -> Any:
+        return generator if A.group is None else shared_generator(generator, A.group, A.device)
+
+    return ModelHessian(A.matmat, A.shape[0], A.dtype, A.device, as_params, shared)
 
 
 @contextlib.contextmanager
@@ -99,6 +110,7 @@ def model_hessian(
     chunk_size: int | None = None,
     strategy: str = "auto",
     progress: bool = True,
+    group: Any = None,
 ) -> Iterator[ModelHessian]:
     """The Hessian of ``loss_fn`` on the batch ``(data, target)``, or over the data set ``data``.
 
@@ -133,8 +145,13 @@ def model_hessian(
             chunk_size=chunk_size,
             strategy=strategy,
             progress=progress,
+            group=group,
         )
         return
+    if group is not None and group is not False:
+        raise ValueError(
+            f"{name}(): group= is for the data set form (this rank's shard, target omitted)"
+        )
     if reduction is not None:
         raise ValueError(
             f"{name}(): reduction= is for the data set form; with one batch the loss is "

@@ -297,6 +297,7 @@ def model_eigenvalues(
     chunk_size: int | None = None,
     progress: bool = True,
     return_info: bool = False,
+    group: Any = None,
 ) -> tuple[Tensor, list[list[Tensor]]] | tuple[Tensor, list[list[Tensor]], EigenInfo]:
     r"""Extreme eigenpairs of the Hessian of a model's loss w.r.t. its parameters.
 
@@ -352,6 +353,10 @@ def model_eigenvalues(
             :math:`\|H y - \theta y\|` of the pairs (over all parameters,
             ``y`` of unit norm), their converged flags, and the Hessian-vector
             products used (each a pass over the data set in the data set form).
+        group: The data set form only: ``data`` is this rank's shard and the
+            Hessian that of the union of the ranks' shards, the same result on every
+            rank (the random start drawn alike: ``generator`` seeded identically, or
+            ``None`` for rank 0's seed); see :doc:`/distributed`.
 
     Returns:
         ``(eigenvalues, eigenvectors)``: a ``(num_eigenvalues,)`` tensor and a
@@ -408,6 +413,7 @@ def model_eigenvalues(
         chunk_size=chunk_size,
         strategy=strategy,
         progress=progress,
+        group=group,
     ) as H:
         solver = lanczos_eigsh if method.lower() == "lanczos" else subspace_iteration
         counted = _Counted(H.matmat)
@@ -420,7 +426,7 @@ def model_eigenvalues(
             tol=tol,
             dtype=H.dtype,
             device=H.device,
-            generator=generator,
+            generator=H.shared(generator),
         )
         vectors = [H.as_params(row) for row in res.eigenvectors]
     values = res.eigenvalues

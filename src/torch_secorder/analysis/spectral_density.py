@@ -39,6 +39,7 @@ def model_spectral_density(
     chunk_size: int | None = None,
     strategy: str = "auto",
     progress: bool = True,
+    group: Any = None,
 ) -> SpectralDensity:
     r"""Spectral density of the Hessian of ``loss_fn(model(inputs), targets)`` by SLQ.
 
@@ -74,6 +75,10 @@ def model_spectral_density(
         strategy: How Hessian products are computed (see
             :data:`torch_secorder.core._problem.STRATEGIES`).
         progress: Progress bars (Lanczos steps of long runs; batches of a data set).
+        group: With ``data=`` (this rank's shard): the density of the Hessian of the
+            union of the ranks' shards, the same on every rank (start vectors drawn
+            alike: ``generator`` seeded identically, or ``None`` for rank 0's seed);
+            see :doc:`/distributed`.
 
     Returns:
         A :class:`~torch_secorder.linalg.slq.SpectralDensity`: ``nodes`` and
@@ -130,6 +135,7 @@ def model_spectral_density(
         reduction=reduction,
         strategy=strategy,
         progress=progress,
+        group=group,
     ) as H:
         return stochastic_lanczos_quadrature(
             H.matmat,
@@ -137,7 +143,7 @@ def model_spectral_density(
             num_steps,
             num_probes,
             distribution=distribution,
-            generator=generator,
+            generator=H.shared(generator),
             dtype=H.dtype,
             device=H.device,
             chunk_size=chunk_size,
