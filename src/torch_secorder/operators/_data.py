@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batches", "loss_reduction"]
+__all__ = ["Batches", "FunctionBatches", "batch_size_of", "loss_reduction"]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -170,8 +170,8 @@ class Batches:
     """
 
     def __init__(self, data: Any):
-        if _is_batch(data):
-            self._source: Any = [tuple(data)]
+        if self._is_one_batch(data):
+            self._source: Any = [tuple(data) if isinstance(data, list) else data]
         else:
             try:
                 iterator = iter(data)
@@ -189,7 +189,7 @@ class Batches:
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
         self._expected: int | None = None
-        counted = _loader_counts(self._source)
+        counted = self._loader_counts()
         if counted is not None:  # no pass over the data needed to count
             self.num_samples, self.num_batches = counted
         else:
@@ -202,8 +202,19 @@ class Batches:
             raise ValueError("data is empty: it yielded no batch")
         self._expected = self.num_samples
 
+    def _is_one_batch(self, data: Any) -> bool:
+        return _is_batch(data)
+
+    def _loader_counts(self) -> tuple[int, int] | None:
+        return _loader_counts(self._source)
+
     def _check_alike(self, index: int, inputs: Any, targets: Tensor) -> None:
-        tensors = _tensors(inputs, targets)
+        self._check_tensors(index, _tensors(inputs, targets))
+
+    def _check_tensors(self, index: int, tensors: list[Tensor]) -> None:
+        """One device and one floating dtype for the tensors of all batches."""
+        if not tensors:
+            return
         floating = [t for t in tensors if t.is_floating_point()]
         dtype = floating[0].dtype if floating else None
         devices = {t.device for t in tensors}
@@ -238,6 +249,98 @@ class Batches:
             self._check_alike(index, inputs, targets)
             total += size
             yield index, inputs, targets, size
+        if self._expected is not None and total != self._expected:
+            raise ValueError(
+                f"data yielded {total} samples, but {self.num_samples} were counted when the "
+                "operator was built (the loader changed size?)"
+            )
+
+
+def batch_size_of(batch: Any, index: int) -> int:
+    """:math:`N_b` of a batch of a pure ``f(params, batch)``: the leading dimension of its
+    first tensor (in the order of :func:`optree.tree_leaves`: a tuple's first entry, a
+    dict's first key in sorted order).
+
+    Example:
+        >>> import torch
+        >>> batch_size_of((torch.zeros(3, 2), torch.zeros(3)), 0)
+        3
+    """
+    tensors = [t for t in _tensor_leaves(batch)]
+    if not tensors:
+        raise ValueError(
+            f"batch {index} of data holds no tensor to count its samples: pass "
+            "batch_size= (a function of the batch returning its number of samples)"
+        )
+    if tensors[0].ndim < 1:
+        raise ValueError(
+            f"batch {index} of data: its first tensor is a scalar, so its samples cannot be "
+            "counted from a leading dimension; pass batch_size= (a function of the batch)"
+        )
+    return int(tensors[0].shape[0])
+
+
+def _tensor_leaves(batch: Any) -> list[Tensor]:
+    import optree
+
+    leaves = optree.tree_leaves(batch, none_is_leaf=False, namespace="torch_secorder")
+    return [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+
+
+def _is_function_batch(data: Any) -> bool:
+    """One batch, not a collection: a tensor, a dict, or a tuple ``(inputs, targets)``.
+
+    A list is always a collection of batches (``[x1, x2]``: two batches).
+    """
+    return isinstance(data, (Tensor, dict)) or (isinstance(data, tuple) and _is_batch(data))
+
+
+class FunctionBatches(Batches):
+    """The batches of a pure ``f(params, batch)``: any pytree per batch (see :class:`Batches`).
+
+    ``data`` is one batch (a tensor, a dict, or a tuple ``(inputs, targets)`` of
+    tensors) or a re-iterable of batches of any structure (a list is always a list
+    of batches: ``[x1, x2]`` is two batches); each batch is handed to
+    ``f`` as it is.  :math:`N_b` is ``batch_size(batch)``, by default
+    :func:`batch_size_of`.  :meth:`sized` yields ``(index, batch, batch, size)``: the
+    batch stands for both the inputs and the targets of the data loop.
+    """
+
+    def __init__(self, data: Any, batch_size: Callable[[Any], int] | None = None):
+        if batch_size is not None and not callable(batch_size):
+            raise TypeError(
+                f"batch_size must be a function of a batch returning its number of samples, "
+                f"got {type(batch_size).__name__}"
+            )
+        self._batch_size = batch_size
+        super().__init__(data)
+
+    def _is_one_batch(self, data: Any) -> bool:
+        return _is_function_batch(data)
+
+    def _loader_counts(self) -> tuple[int, int] | None:
+        # A batch_size function may count samples otherwise than the sampler does.
+        return None if self._batch_size is not None else _loader_counts(self._source)
+
+    def _size(self, batch: Any, index: int) -> int:
+        if self._batch_size is None:
+            return batch_size_of(batch, index)
+        size = self._batch_size(batch)
+        if isinstance(size, Tensor) and size.numel() == 1:
+            size = int(size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"batch_size(batch {index} of data) must be a positive int, got {size!r}"
+            )
+        return size
+
+    def sized(self) -> Iterator[tuple[int, Any, Any, int]]:
+        total = 0
+        for index, batch in enumerate(self._source):
+            size = self._size(batch, index)
+            self._check_tensors(index, _tensor_leaves(batch))
+            total += size
+            yield index, batch, batch, size
         if self._expected is not None and total != self._expected:
             raise ValueError(
                 f"data yielded {total} samples, but {self.num_samples} were counted when the "

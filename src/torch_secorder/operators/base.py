@@ -19,13 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.core._inputs import check_chunk_size, check_module
-from torch_secorder.operators._data import Batches, loss_reduction
+from torch_secorder.operators._data import Batches, FunctionBatches, loss_reduction
 from torch_secorder.operators._distributed import (
     all_reduce_checked,
     resolve_group,
     shard_counts,
     unwrap_model,
 )
+from torch_secorder.operators._function import FunctionSource
 
 __all__ = ["CurvatureOperator"]
 
@@ -121,24 +122,80 @@ class CurvatureOperator:
         check_module(model)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        check_chunk_size(chunk_size)
         named = list(model.named_parameters())
         if not named:
             raise ValueError("model has no parameters: nothing to differentiate")
         self.model = model
         self.loss_fn = loss_fn
+        #: The pure function and its parameters (``from_function`` operators), else ``None``.
+        self.function: FunctionSource | None = None
+        self._attach(
+            _select_names(named, params),
+            lambda: Batches(data),
+            loss_fn,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            progress=progress,
+            group=group,
+        )
+
+    @classmethod
+    def _of_function(
+        cls,
+        source: FunctionSource,
+        loss_fn: Callable[..., Tensor] | None,
+        data: Any,
+        *,
+        batch_size: Callable[[Any], int] | None,
+        reduction: str | None,
+        chunk_size: int | None,
+        progress: bool,
+        group: Any,
+    ) -> Any:
+        """An operator of the pure function ``source.f`` (see ``from_function``).
+
+        ``loss_fn``: the GGN's loss of the output (``None`` for the Hessian).  The
+        reduction is read off ``loss_fn`` (or ``f``) as for the model form.
+        """
+        op = cls.__new__(cls)
+        op.model = None
+        op.loss_fn = loss_fn
+        op.function = source
+        op._attach(
+            source.names,
+            lambda: FunctionBatches(data, batch_size),
+            loss_fn if loss_fn is not None else source.f,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            progress=progress,
+            group=group,
+        )
+        return op
+
+    def _attach(
+        self,
+        names: list[str],
+        make_batches: Callable[[], Batches],
+        loss_fn: Callable[..., Tensor],
+        *,
+        reduction: str | None,
+        chunk_size: int | None,
+        progress: bool,
+        group: Any,
+    ) -> None:
+        """The parameters ``names``, the data, the group and the weighting (both forms)."""
+        check_chunk_size(chunk_size)
         self.group = resolve_group(group)
-        self.names = _select_names(named, params)
+        self.names = names
         self.chunk_size = chunk_size
         self.progress = progress
-        like = dict(named)[self.names[0]]
+        like = dict(self._named_tensors())[self.names[0]]
         error: Exception | None = None
         try:  # this rank's shard: with a group, a failure must reach every rank
-            self.batches = Batches(data)
+            self.batches = make_batches()
             if self.batches.device is not None and self.batches.device != like.device:
                 raise ValueError(
-                    f"data is on {self.batches.device}, but the parameters of model are on "
-                    f"{like.device}"
+                    f"data is on {self.batches.device}, but the parameters are on {like.device}"
                 )
         except Exception as exc:
             if self.group is None:
@@ -159,8 +216,14 @@ class CurvatureOperator:
     @property
     def params(self) -> list[Tensor]:
         """The parameters the operator acts on, in its order."""
-        by_name = dict(self.model.named_parameters())
+        by_name = dict(self._named_tensors())
         return [by_name[name] for name in self.names]
+
+    def _named_tensors(self) -> list[tuple[str, Tensor]]:
+        """``(name, tensor)`` of the model's parameters, or of the function's ``params``."""
+        if self.function is not None:
+            return self.function.named()
+        return list(self.model.named_parameters())
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -44,6 +44,7 @@ from torch_secorder.func._tree import tree_ravel, tree_unravel
 from torch_secorder.func.fast_diagonal import ggn_diagonal
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
+from torch_secorder.operators._function import FunctionSource, function_problem
 from torch_secorder.operators.base import CurvatureOperator
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator", "HessianOperator"]
@@ -89,7 +90,76 @@ class HessianOperator(CurvatureOperator):
         super().__init__(*args, **kwargs)
         self.strategy = strategy
 
+    @classmethod
+    def from_function(
+        cls,
+        f: Callable[[Any, Any], Tensor],
+        params: Any,
+        data: Any,
+        *,
+        reduction: str | None = None,
+        batch_size: Callable[[Any], int] | None = None,
+        strategy: str = "auto",
+        chunk_size: int | None = None,
+        progress: bool = False,
+        group: Any = None,
+    ) -> HessianOperator:
+        r"""The Hessian over ``data`` of a pure loss ``f(params, batch)``.
+
+        The loss over the data set is :math:`L(\theta) = \sum_b w_b f(\theta, b)`
+        with :math:`w_b = N_b / N` for ``reduction="mean"`` (``f`` returns the
+        *mean* over the samples of its batch: :math:`L` is then the mean over all
+        :math:`N = \sum_b N_b` samples, a short last batch included) and
+        :math:`w_b = 1` for ``"sum"`` (``f`` returns the sum).  :math:`N_b` is
+        ``batch_size(batch)``, by default the leading dimension of the batch's first
+        tensor (:func:`~torch_secorder.operators._data.batch_size_of`).
+
+        Args:
+            f: ``f(params, batch) -> scalar``, pure: a function of its arguments only,
+                without random draws, that ``torch.func`` can transform (where it
+                cannot, the products take the autograd graph).
+            params: The point: a dict of tensors (rows in the dict's order, names its
+                keys) or any pytree of floating tensors (rows in
+                :func:`optree.tree_leaves` order, names the dotted paths, e.g. ``"0"``).
+                The tensors are read, never differentiated or written.
+            data: One batch (a tensor, a dict, or a tuple ``(inputs, targets)`` of
+                tensors) or a re-iterable of batches of any structure (a list, a
+                ``DataLoader``; a list is always a list of batches, so ``[x1, x2]`` is
+                two batches); ``f`` gets each batch as it is.
+            reduction: ``"mean"`` or ``"sum"`` (above); needed for several batches.
+            batch_size: ``batch_size(batch) -> int``, :math:`N_b`.
+            strategy: As for the model form (:data:`torch_secorder.core._problem.STRATEGIES`).
+            chunk_size, progress, group: As for the model form.
+
+        Example:
+            >>> import torch
+            >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+            >>> f = lambda p, batch: ((batch @ p["w"]) ** 2).mean()  # a batch's mean
+            >>> H = HessianOperator.from_function(
+            ...     f, {"w": torch.zeros(2, dtype=torch.float64)}, [x[:2], x[2:]], reduction="mean"
+            ... )
+            >>> H @ torch.eye(2, dtype=torch.float64)  # (2/3) x^T x over all 3 samples
+            tensor([[1.3333, 0.6667],
+                    [0.6667, 1.3333]], dtype=torch.float64)
+            >>> H.diagonal(), H.block("w").trace()
+            (tensor([1.3333, 1.3333], dtype=torch.float64), tensor(2.6667, dtype=torch.float64))
+        """
+        op = cls._of_function(
+            FunctionSource(f, params),
+            None,
+            data,
+            batch_size=batch_size,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            progress=progress,
+            group=group,
+        )
+        op.strategy = strategy
+        return op
+
     def _problem(self, inputs: Any, targets: Tensor):
+        if self.function is not None:  # inputs: the batch of f
+            return function_problem(self.function, inputs, self.names)
         return module_problem(self.model, self.loss_fn, inputs, targets, only=self.names)
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
@@ -130,10 +200,64 @@ class GGNOperator(CurvatureOperator):
 
     label = "GGN"
 
+    @classmethod
+    def from_function(
+        cls,
+        f: Callable[[Any, Any], Any],
+        loss: Callable[[Any, Any], Tensor],
+        params: Any,
+        data: Any,
+        *,
+        reduction: str | None = None,
+        batch_size: Callable[[Any], int] | None = None,
+        chunk_size: int | None = None,
+        progress: bool = False,
+        group: Any = None,
+    ) -> GGNOperator:
+        r"""The GGN over ``data`` of a pure output ``f(params, batch)`` and ``loss(output, batch)``.
+
+        :math:`G = \sum_b w_b J_b^\top \nabla^2_z \ell_b J_b` with :math:`z_b =
+        f(\theta, b)`, :math:`J_b = \partial z_b / \partial\theta` and
+        :math:`\ell_b(z) = \text{loss}(z, b)`; the weights :math:`w_b` and
+        ``params``, ``data``, ``reduction``, ``batch_size`` are as in
+        :meth:`HessianOperator.from_function` (``loss`` returns the mean or the sum
+        over the batch's samples).
+
+        Example:
+            >>> import torch
+            >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+            >>> f = lambda p, batch: torch.tanh(batch @ p["w"])
+            >>> loss = lambda z, batch: (z**2).sum()
+            >>> G = GGNOperator.from_function(
+            ...     f, loss, {"w": torch.zeros(2, dtype=torch.float64)}, [x[:2], x[2:]],
+            ...     reduction="sum",
+            ... )
+            >>> G.diagonal()  # 2 sum_i x_i**2 (tanh'(0) = 1)
+            tensor([4., 4.], dtype=torch.float64)
+        """
+        if not callable(loss):
+            raise TypeError(f"loss must be callable, got {type(loss).__name__}")
+        return cls._of_function(
+            FunctionSource(f, params),
+            loss,
+            data,
+            batch_size=batch_size,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            progress=progress,
+            group=group,
+        )
+
+    def _output_problem(self, inputs: Any, targets: Any):
+        """Batch's output as a problem of the operator's parameters (both forms)."""
+        if self.function is not None:  # inputs (and targets): the batch of f
+            return function_problem(self.function, inputs, self.names, loss=self.loss_fn)
+        check_batch_device([p for _, p in self.model.named_parameters()], targets=targets)
+        return model_output_problem(self.model, inputs, False, only=self.names)
+
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
         loss_fn = self.loss_fn
-        with model_output_problem(self.model, inputs, False, only=self.names) as problem:
-            check_batch_device(problem.params, targets=targets)
+        with self._output_problem(inputs, targets) as problem:
             if not problem.active:
                 return torch.zeros_like(V)
             like = [problem.params[i] for i in problem.active]
@@ -173,8 +297,7 @@ class GGNOperator(CurvatureOperator):
         return max(1, min(V.shape[0], DEFAULT_CHUNK_ELEMENTS // max(1, V.shape[1])))
 
     def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
-        with model_output_problem(self.model, inputs, False, only=self.names) as problem:
-            check_batch_device(problem.params, targets=targets)
+        with self._output_problem(inputs, targets) as problem:
             if problem.active and not problem.rewind.draws_random:
                 # The operator's parameters only: the fast exact routes of ggn_diagonal.
                 loss_fn = self.loss_fn
@@ -191,6 +314,8 @@ class GGNOperator(CurvatureOperator):
                 except RuntimeError as exc:
                     if not is_functional_refusal(exc):
                         raise
+        if self.function is not None:  # refused by torch.func: e_i^T G e_i on the graph
+            return self._diagonal_by_products(index, inputs, targets)
         # Random draws (one mask for the call) or a model torch.func refuses: the
         # documented function's routes (columns of J, the autograd graph), all parameters.
         diag = gauss_newton_matrix_approximation(
@@ -198,6 +323,18 @@ class GGNOperator(CurvatureOperator):
         )
         trainable = [name for name, p in self.model.named_parameters() if p.requires_grad]
         return _flat(dict(zip(trainable, diag, strict=True)), self.names, trainable)
+
+    def _diagonal_by_products(self, index: int, inputs: Any, targets: Any) -> Tensor:
+        """The diagonal as :math:`e_i^\top G_b e_i`, basis vectors in chunks (the slow route)."""
+        n = self.shape[0]
+        step = self.chunk_size or 8
+        pieces = []
+        for start, stop in chunk_ranges(n, step):
+            rows = torch.arange(stop - start, device=self.device)
+            basis = torch.zeros(stop - start, n, dtype=self.dtype, device=self.device)
+            basis[rows, rows + start] = 1.0
+            pieces.append(self._batch_matmat(index, inputs, targets, basis)[rows, rows + start])
+        return torch.cat(pieces)
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
