@@ -28,7 +28,13 @@ issue 8 is done, as data (:meth:`Setting.expected_route`):
 * ``"any"``: the issue does not demand the fast route there (the reason is kept in
   ``Setting.not_fast``): parameters upstream of training-mode batch norm (the batch
   couples the samples), tied weights (one parameter read by two calls), recurrent
-  layers.
+  layers, parameters upstream of softmax attention in a tiny problem (blocks per
+  sample or the sweep, whichever the engine measures cheaper).
+
+:func:`route_matches` checks a route of :func:`torch_secorder.func.diagonal_plan`
+against the expectation; :func:`ours_plan` gives the plan of a built setting (w.r.t.
+its trainable parameters, the names of ``model.named_parameters()``).  The settings
+drawn by :func:`conv_settings` and :func:`pool_settings` expect ``"fast"`` everywhere.
 
 Only parameters with ``requires_grad`` are differentiated (BackPACK freezes the last
 linear layer of its automated settings); :func:`trainable` gives them.
@@ -1540,6 +1546,10 @@ def _own_settings() -> list[Setting]:
             lambda: torch.randint(0, 7, (3, 4)),
             _ce,
             _classes((3,), 3),
+            not_fast={
+                r"^(emb|ln1|qkv)\.": "upstream of softmax attention: the engine chooses "
+                "per-sample blocks or the sweep by cost (issue 8)"
+            },
         ),
     ]
 
