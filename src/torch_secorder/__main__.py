@@ -6,11 +6,17 @@ exact diagonal per parameter, and how long each took: the time of a warm call
 (each computation runs once before it is timed) and, in brackets, that of the
 first call (which includes one-time costs: lazy initialisation, allocations).
 ``--help`` lists options.
+
+``python -m torch_secorder report [options]`` writes a curvature report (HTML and
+PNGs: trace, eigenvalues, spectral density, per-parameter curvature, loss
+landscapes) of the built-in problem or of a user's model; ``report --help`` lists
+its options (see :mod:`torch_secorder.report.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -97,7 +103,16 @@ def _seed(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torch_secorder", description=__doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from torch_secorder.report.cli import main as report_main
+
+        return report_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m torch_secorder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
     parser.add_argument(
         "--samples", type=_positive_int, default=100, help="Hutchinson probes (an int >= 1)"
