@@ -18,9 +18,9 @@ Before that all-reduce, one small all-gather per call carries a flag per rank
 :class:`~torch_secorder.errors.DistributedError` instead of waiting for it in the
 all-reduce, and vectors that differ between ranks (probes drawn from unsynchronised
 random generators) raise it too instead of giving a wrong product.  The result of
-the all-reduce is the same on every rank (bit for bit with gloo and NCCL, whose
-all-reduce hands one reduced buffer to all ranks), so an estimator run on the same
-probes on every rank gives the same answer on every rank.
+the all-reduce is the same on every rank (bit for bit: gloo, tested, and NCCL
+reduce each part of the buffer once and send it to every rank), so an estimator run
+on the same probes on every rank gives the same answer on every rank.
 
 The group: ``group=None`` is the default group when :mod:`torch.distributed` is
 initialised and no collective at all when it is not; ``group=False`` computes on
