@@ -230,6 +230,10 @@ def failure_checks(group: Any, rank: int, out: dict[str, Any]) -> None:
     out["fail/empty_shard"] = _message(
         lambda: HessianOperator(model, loss_fn, [] if rank == 2 else batches, group=group)
     )
+    params = ["2.weight"] if rank == 2 else None  # another size on rank 2
+    out["fail/sizes_differ"] = _message(
+        lambda: HessianOperator(model, loss_fn, batches, params, group=group)
+    )
     good = HessianOperator(model, loss_fn, batches, group=group)
     own = torch.randn(V.shape, generator=gen(50 + rank), dtype=DTYPE)
     out["fail/vectors_differ"] = _message(lambda: good.matmat(own))

@@ -312,6 +312,12 @@ def test_a_rank_that_raises_makes_every_rank_raise(ranks, key, failing, words) -
     assert all(c == "-" for r, c in enumerate(causes) if r != failing)
 
 
+def test_operators_of_different_sizes_raise_everywhere(ranks) -> None:
+    messages = [ranks[rank]["fail/sizes_differ"] for rank in range(WORLD)]
+    assert all(m == messages[0] for m in messages), messages
+    assert "differ in size: [43, 43, 15] parameter entries" in messages[0], messages[0]
+
+
 def test_vectors_that_differ_between_ranks_raise_everywhere(ranks, dense) -> None:
     messages = [ranks[rank]["fail/vectors_differ"] for rank in range(WORLD)]
     assert all(m == messages[0] for m in messages), messages

@@ -30,7 +30,7 @@ this rank's data alone (no collective); a group of one rank needs no collective.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,8 +45,6 @@ __all__ = [
     "shared_generator",
     "unwrap_model",
 ]
-
-T = TypeVar("T")
 
 #: Entries of the vectors compared across ranks per product (evenly spread).
 FINGERPRINT_ENTRIES = 64
@@ -277,12 +275,12 @@ def shard_counts(
     table = gather_checked(
         group, error, (*counts, dim), device=like.device, what="the operator's data"
     )
-    dims = sorted({int(d) for d in table[:, 2].tolist()})
-    if len(dims) > 1:
+    dims = [int(d) for d in table[:, 2].tolist()]
+    if len(set(dims)) > 1:
+        differ = [r for r, d in enumerate(dims) if d != dims[0]]
         raise DistributedError(
-            f"the operators of the ranks have different sizes {dims} (rank r has "
-            f"{[int(d) for d in table[:, 2].tolist()]}[r]): every rank must pass the same "
-            "model and params",
-            rank=int((table[:, 2] != table[0, 2]).nonzero()[0]),
+            f"the operators of the ranks differ in size: {dims} parameter entries on ranks "
+            f"0 to {len(dims) - 1}; every rank must pass the same model and params",
+            rank=differ[0],
         )
     return int(table[:, 0].sum()), int(table[:, 1].sum())
