@@ -43,7 +43,7 @@ from torch_secorder.core._batch_checks import check_batch_device, targets_fit
 from torch_secorder.core._fallback import is_functional_refusal
 from torch_secorder.core._graph_ggn import graph_ggn_diagonal
 from torch_secorder.core._inputs import check_loss, check_module
-from torch_secorder.core._problem import module_problem
+from torch_secorder.core._problem import LossProblem, module_problem
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
 from torch_secorder.func.fast_diagonal import ggn_diagonal
@@ -106,6 +106,31 @@ class _GGNProblem:
         }
 
 
+def _ggn_view(
+    problem: LossProblem, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Any
+) -> _GGNProblem:
+    """The GGN's pieces on an output problem of the model (one checking forward pass)."""
+    names = [problem.names[i] for i in problem.active]  # type: ignore[index]
+    pure = problem.pure
+
+    def out_fn(values: dict[str, Tensor]) -> Tensor:
+        return pure(tuple(values[name] for name in names))
+
+    loss_of_out = differentiable(lambda out: loss_fn(out, targets))
+    with torch.no_grad():
+        probe = pure(problem.primals)
+        with targets_fit(loss_fn, probe, targets):  # both shapes named
+            check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
+    return _GGNProblem(
+        names=names,
+        active=[problem.params[i] for i in problem.active],
+        out_fn=out_fn,
+        loss_of_out=loss_of_out,
+        m=probe.numel(),
+        draws_random=problem.rewind.draws_random,
+    )
+
+
 @contextlib.contextmanager
 def _ggn_problem(
     model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Any, targets: Any
@@ -126,25 +151,53 @@ def _ggn_problem(
         yield _GGNProblem([], [], lambda values: model(inputs), lambda out: out, 0, False)
         return
     with module_problem(model, None, inputs, targets) as problem:
-        names = [problem.names[i] for i in problem.active]
-        pure = problem.pure
+        yield _ggn_view(problem, loss_fn, targets)
 
-        def out_fn(values: dict[str, Tensor]) -> Tensor:
-            return pure(tuple(values[name] for name in names))
 
-        loss_of_out = differentiable(lambda out: loss_fn(out, targets))
-        with torch.no_grad():
-            probe = pure(problem.primals)
-            with targets_fit(loss_fn, probe, targets):  # both shapes named
-                check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
-        yield _GGNProblem(
-            names=names,
-            active=[problem.params[i] for i in problem.active],
-            out_fn=out_fn,
-            loss_of_out=loss_of_out,
-            m=probe.numel(),
-            draws_random=problem.rewind.draws_random,
+def problem_ggn_diagonal(
+    problem: LossProblem,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    targets: Any,
+    *,
+    create_graph: bool = False,
+    chunk_size: int | None = None,
+) -> list[Tensor]:
+    """The exact GGN diagonal of an output problem, one tensor per active tensor.
+
+    The one GGN diagonal of the package (the documented function and
+    :class:`~torch_secorder.operators.GGNOperator`'s batches): the engine's exact
+    routes (:func:`torch_secorder.func.ggn_diagonal`); with ``create_graph`` or a
+    model that draws random numbers, chunks of columns of :math:`J`
+    (:func:`_diagonal_by_columns`); where ``torch.func`` refuses the model, the
+    autograd graph (:func:`~torch_secorder.core._graph_ggn.graph_ggn_diagonal`).
+    ``problem`` is :func:`~torch_secorder.core._problem.module_problem` without a
+    loss (``only=`` restricts it to some parameters: each costs its own entries).
+    """
+    if not problem.active:
+        return []
+    view = _ggn_view(problem, loss_fn, targets)
+    try:
+        if create_graph or view.draws_random:
+            diag = _diagonal_by_columns(view, create_graph, chunk_size)
+        else:
+            by_name = ggn_diagonal(
+                view.out_fn, view.loss_of_out, view.point(False), chunk_size=chunk_size
+            )
+            diag = [by_name[name] for name in view.names]
+    except RuntimeError as exc:  # torch.func refuses the model: the autograd graph
+        if not is_functional_refusal(exc):
+            raise
+        point = dict(zip(view.names, view.active, strict=True))
+        diag = graph_ggn_diagonal(
+            view.out_fn,
+            point,
+            view.loss_of_out,
+            create_graph=create_graph,
+            chunk_size=chunk_size,
         )
+    # Parameters left out of the problem (only=) are read as the user's tensors: no
+    # graph back to them unless asked for.
+    return diag if create_graph else [d.detach() for d in diag]
 
 
 def _diagonal_by_columns(
@@ -240,32 +293,22 @@ def gauss_newton_matrix_approximation(
         [tensor([[2., 8.]])]
     """
     check_chunk_size(chunk_size)
-    with _ggn_problem(model, loss_fn, inputs, targets) as problem:
-        if not problem.active:
-            warnings.warn(
-                "gauss_newton_matrix_approximation: model has no parameter that requires "
-                "grad; returning an empty list",
-                stacklevel=2,
-            )
-            return []
-        try:
-            if create_graph or problem.draws_random:
-                return _diagonal_by_columns(problem, create_graph, chunk_size)
-            diag = ggn_diagonal(
-                problem.out_fn, problem.loss_of_out, problem.point(False), chunk_size=chunk_size
-            )
-            return [diag[name] for name in problem.names]
-        except RuntimeError as exc:  # torch.func refuses the model: the autograd graph
-            if not is_functional_refusal(exc):
-                raise
-            point = dict(zip(problem.names, problem.active, strict=True))
-            return graph_ggn_diagonal(
-                problem.out_fn,
-                point,
-                problem.loss_of_out,
-                create_graph=create_graph,
-                chunk_size=chunk_size,
-            )
+    check_module(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    params = list(model.parameters())
+    if not any(p.requires_grad for p in params):
+        check_batch_device(params, inputs=inputs, targets=targets)
+        warnings.warn(
+            "gauss_newton_matrix_approximation: model has no parameter that requires "
+            "grad; returning an empty list",
+            stacklevel=2,
+        )
+        return []
+    with module_problem(model, None, inputs, targets) as problem:
+        return problem_ggn_diagonal(
+            problem, loss_fn, targets, create_graph=create_graph, chunk_size=chunk_size
+        )
 
 
 def gauss_newton_matrix(

@@ -682,10 +682,18 @@ def module_problem(
     ) as problem:
         narrow_to(problem, names, only)
         active_names = [names[i] for i in problem.active]
+        # Parameters left out by ``only`` are constants: without create_graph, detached
+        # (no graph back to them in the results).
+        active = set(problem.active)
+        fixed = {
+            name: p.detach()
+            for i, (name, p) in enumerate(zip(names, params, strict=True))
+            if i not in active and p.requires_grad and not create_graph
+        }
 
         def pure(values: tuple[Tensor, ...]) -> Tensor:
             with problem.rewind.evaluation():
-                return finish(model_fn(model_fn.values(values, active_names), inputs))
+                return finish(model_fn({**fixed, **model_fn.values(values, active_names)}, inputs))
 
         # The output's routes (jvp, vjp, vmap, jacrev, the GGN's products) run the model
         # under the operator fixes and the math attention kernel; for a loss the engine
