@@ -20,18 +20,25 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close, dense_hessian
+from conftest import assert_close, dense_hessian, seeded_tanh_mlp_problem
 
 from torch_secorder import model_hessian_trace
 from torch_secorder.__main__ import main
-from torch_secorder.linalg import lanczos_eigsh
+from torch_secorder.linalg import hutchinson_adaptive, hutchinson_diagonal, lanczos_eigsh
 from torch_secorder.operators import HessianOperator
-from torch_secorder.report import FIGURES, default_problem
+from torch_secorder.report import (
+    FIGURES,
+    ReportOptions,
+    compute_report,
+    default_problem,
+    write_report,
+)
 from torch_secorder.report.compute import _basis_size, step_generator
 
 pytest.importorskip("matplotlib", reason="the report needs matplotlib (the test extra has it)")
@@ -409,3 +416,67 @@ def test_the_page_renders_in_headless_chromium(default_report, tmp_path):
     assert max(stat.stddev) > 20
     # the top of the page is the white background with dark text, as styled
     assert max(stat.mean) > 150
+
+
+def _small_problem():
+    model, x, y = seeded_tanh_mlp_problem(1, 20, 3, 4, 2, "mse")
+    loss_fn = torch.nn.MSELoss()
+    names = [name for name, _ in model.named_parameters()]
+
+    def loss(params: list[torch.Tensor]) -> torch.Tensor:
+        return loss_fn(torch.func.functional_call(model, dict(zip(names, params)), (x,)), y)
+
+    return model, loss_fn, (x, y), dense_hessian(loss, list(model.parameters()))
+
+
+SMALL = dict(slq_steps=6, slq_probes=2, points_1d=3, points_2d=3, top_k=2, bottom_k=1)
+
+
+def test_the_estimated_trace_when_exact_is_not_affordable():
+    """Over ``exact_limit`` parameters: Hutchinson with its error bar, the same as the library's."""
+    model, loss_fn, data, dense = _small_problem()
+    options = ReportOptions(trace="auto", exact_limit=10, trace_rtol=0.05, diag_samples=50, **SMALL)
+    report = compute_report(model, loss_fn, data, seed=2, options=options, progress=False)
+    assert not report.diagonal_exact
+    assert report.trace_method.startswith("Hutchinson estimate")
+    H = HessianOperator(model, loss_fn, data)
+    est = hutchinson_adaptive(
+        H.matmat, H.shape[0], rtol=0.05, max_matvecs=options.trace_max_matvecs,
+        generator=step_generator(2, "trace", H.device), dtype=H.dtype, progress=False,
+    )  # fmt: skip
+    assert report.trace == float(est.estimate)
+    assert report.trace_std_error == float(est.std_error) > 0
+    assert report.trace_matvecs == est.matvecs
+    # the estimate is an estimate of the dense Hessian's trace: within 4 standard errors
+    assert abs(report.trace - float(dense.trace())) <= 4 * report.trace_std_error
+    diag = torch.cat([d.reshape(-1) for d in report.diagonals])
+    expected = hutchinson_diagonal(
+        H.matmat, H.shape[0], 50, generator=step_generator(2, "diagonal", H.device),
+        dtype=H.dtype, progress=False,
+    ).estimate  # fmt: skip
+    assert_close(diag, expected)
+    html = write_report(report, Path(tempfile.mkdtemp(prefix="h11_")), "test").read_text()
+    values = _values(html)
+    assert values["trace"] == report.trace and values["trace_std_error"] == report.trace_std_error
+    assert "(estimated)" in html or "estimated by Hutchinson" in html
+
+
+def test_landscapes_along_the_top_eigenvectors_curve_as_their_eigenvalues():
+    """``directions="eigen"``: along ``d = s y`` (``y`` the unit top eigenvector, ``s`` the
+    parameter norm) the second difference of the loss is ``s**2 * lambda_1``."""
+    model, loss_fn, data, dense = _small_problem()
+    h = 1e-3
+    options = ReportOptions(directions="eigen", span=h, **SMALL)
+    report = compute_report(model, loss_fn, data, seed=0, options=options, progress=False)
+    eigs = torch.linalg.eigvalsh(dense).flip(0)
+    assert_close(report.top.eigenvalues, eigs[:2], tol=1e-8)
+    s2 = float(sum(p.detach().pow(2).sum() for p in model.parameters()))
+    for (label, (alphas, losses)), lam in zip(report.landscape_1d.items(), eigs[:2]):
+        assert_close(alphas, torch.tensor([-h, 0.0, h], dtype=torch.float64))
+        second = float(losses[0] - 2 * losses[1] + losses[2]) / h**2
+        assert second == pytest.approx(s2 * float(lam), rel=1e-4), label
+    with torch.no_grad():
+        loss = float(loss_fn(model(data[0]), data[1]))
+    assert report.loss == pytest.approx(loss, rel=1e-12)
+    a, b, surface = report.landscape_2d
+    assert_close(surface[1, 1], torch.tensor(report.loss, dtype=torch.float64))
