@@ -27,10 +27,10 @@ from torch_secorder.core._problem import (
     closure_problem,
     model_output_problem,
     module_problem,
-    with_graph_fallback,
 )
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
+from torch_secorder.func.hvp import default_chunk_size
 
 __all__ = [
     "exact_hvp",
@@ -398,19 +398,22 @@ def approximate_hvp(
 # ------------------------------------------------------------------ Gauss-Newton
 
 
-@with_graph_fallback(LossProblem.graph_ggn_product)  # models that torch.func refuses
-def problem_ggn_product(
-    problem: LossProblem, loss_fn: Callable[[Tensor, Tensor], Tensor], y: Any, v: list[Tensor]
-) -> list[Tensor]:
-    """``J^T H_out J v`` of an output problem (see :func:`gauss_newton_product`)."""
-    if not problem.active:
-        return [torch.zeros_like(p) for p in problem.params]
+def _functional_ggn_matmat(
+    problem: LossProblem,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    y: Any,
+    V: Tensor,
+    chunk_size: int | None,
+) -> Tensor:
+    """``V G`` by torch.func: one forward pass with its pullback, then per chunk of rows
+    one vmapped forward-mode pass (``J v``), the loss's Hessian in output space and the
+    shared pullback (``J^T w``)."""
     create_graph = problem.create_graph
-    tangents = tuple(v[i] if create_graph else v[i].detach() for i in problem.active)
+    like = list(problem.primals)
     # The model's forward-mode and reverse passes both run under the operator fixes
     # and the math attention kernel (the fused kernels have no forward-mode AD).
     pure = differentiable(problem.pure)
-    out, jv = torch.func.jvp(pure, (problem.primals,), (tangents,))
+    out, pullback = torch.func.vjp(pure, problem.primals)
 
     @differentiable
     def loss_of_output(o: Tensor) -> Tensor:
@@ -418,12 +421,53 @@ def problem_ggn_product(
 
     with targets_fit(loss_fn, out, y):  # a target unlike the output: ShapeError, both shapes
         check_loss(loss_of_output(out.detach()), "loss_fn(model(x), y)")
-    _, h_jv = torch.func.jvp(torch.func.grad(loss_of_output), (out,), (jv,))
-    _, vjp_fn = torch.func.vjp(pure, problem.primals)
-    (product,) = vjp_fn(h_jv)
-    if not create_graph:
-        product = tuple(p.detach() for p in product)
-    return problem.expand(list(product))
+    primal_out = out if create_graph else out.detach()
+
+    def one(row: Tensor) -> Tensor:
+        tangents = tuple(tree_unravel(row, like))
+        _, jv = torch.func.jvp(pure, (problem.primals,), (tangents,))
+        _, h_jv = torch.func.jvp(torch.func.grad(loss_of_output), (primal_out,), (jv,))
+        return tree_ravel(list(pullback(h_jv)[0]))
+
+    if chunk_size is None:
+        chunk_size = default_chunk_size(V.shape[0], V.shape[1], V.device)
+    rows = torch.func.vmap(one, randomness="same", chunk_size=chunk_size)(
+        V if create_graph else V.detach()
+    )
+    return rows if create_graph else rows.detach()
+
+
+def problem_ggn_matmat(
+    problem: LossProblem,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    y: Any,
+    V: Tensor,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``V G`` on flat ``(k, dim)`` rows over the active tensors of an output problem.
+
+    The one GGN-vector product of the package (:func:`gauss_newton_product`, the
+    GGN operator's batches): ``chunk_size`` rows per vmapped call share one forward
+    pass; where ``torch.func`` refuses the model, all ``k`` rows share one forward pass
+    on the autograd graph (:meth:`~torch_secorder.core._problem.LossProblem.graph_ggn_matmat`).
+    """
+    if not problem.active:
+        return torch.zeros_like(V)
+    return problem.functional_or_graph(
+        lambda: _functional_ggn_matmat(problem, loss_fn, y, V, chunk_size),
+        lambda: problem.graph_ggn_matmat(loss_fn, y, V),
+    )
+
+
+def problem_ggn_product(
+    problem: LossProblem, loss_fn: Callable[[Tensor, Tensor], Tensor], y: Any, v: list[Tensor]
+) -> list[Tensor]:
+    """``J^T H_out J v`` of an output problem, ``v`` in the user's list format (one row)."""
+    if not problem.active:
+        return [torch.zeros_like(p) for p in problem.params]
+    row = tree_ravel([v[i] for i in problem.active]).unsqueeze(0)
+    product = problem_ggn_matmat(problem, loss_fn, y, row)[0]
+    return problem.expand(list(tree_unravel(product, list(problem.primals))))
 
 
 def gauss_newton_product(

@@ -15,7 +15,7 @@ weights :math:`w_b = N_b/N` for ``reduction="mean"``, 1 for ``"sum"``), with
   that loss (see :mod:`torch_secorder.approximations.fisher_diagonal`).
 
 Each batch goes through the engine (:func:`~torch_secorder.core._problem.module_problem`
-and its products, :func:`~torch_secorder.core.hvp.problem_ggn_product`, the functions
+and its products, :func:`~torch_secorder.core.hvp.problem_ggn_matmat`, the functions
 of :mod:`torch_secorder.approximations._fisher`), so the user's state is kept, the
 operator reroutes and the graph fallback apply, and a batch's forward pass is shared
 by all the vectors of a chunk.
@@ -31,17 +31,14 @@ from torch import Tensor, nn
 
 from torch_secorder.approximations._fisher import _rows as fisher_rows
 from torch_secorder.approximations._fisher import empirical_sq_sum
-from torch_secorder.approximations.gauss_newton import gauss_newton_matrix_approximation
-from torch_secorder.core._batch_checks import check_batch_device, targets_fit
-from torch_secorder.core._fallback import is_functional_refusal
-from torch_secorder.core._inputs import check_generator, check_loss, check_num_samples
+from torch_secorder.approximations.gauss_newton import problem_ggn_diagonal
+from torch_secorder.core._batch_checks import check_batch_device
+from torch_secorder.core._inputs import check_generator, check_num_samples
 from torch_secorder.core._problem import module_problem
 from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.core.hessian_diagonal import active_hessian_diagonal
-from torch_secorder.core.hvp import problem_ggn_product
-from torch_secorder.func._fixes import differentiable
-from torch_secorder.func._tree import tree_ravel, tree_unravel
-from torch_secorder.func.fast_diagonal import ggn_diagonal
+from torch_secorder.core.hvp import problem_ggn_matmat
+from torch_secorder.func._tree import tree_ravel
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 from torch_secorder.operators._function import FunctionSource, function_problem
@@ -179,12 +176,13 @@ class HessianOperator(CurvatureOperator):
 class GGNOperator(CurvatureOperator):
     r"""The generalised Gauss-Newton matrix :math:`G = \sum_b w_b J_b^\top \nabla_z^2 L_b J_b`.
 
-    Products: per batch, :func:`~torch_secorder.core.hvp.problem_ggn_product`
-    vmapped over a chunk of vectors (one vectorised forward pass per chunk), or on
-    the autograd graph where ``torch.func`` refuses the model.  Diagonal: per batch,
-    the exact fast routes of :func:`torch_secorder.func.ggn_diagonal` on the
-    operator's parameters only; for a model that draws random numbers or that
-    ``torch.func`` refuses, the routes of
+    Products: per batch, :func:`~torch_secorder.core.hvp.problem_ggn_matmat`, the
+    package's one GGN product (a chunk of vectors per vectorised forward pass, or all
+    of them on one autograd graph where ``torch.func`` refuses the model).  Diagonal:
+    per batch, :func:`~torch_secorder.approximations.gauss_newton.problem_ggn_diagonal`
+    on the operator's parameters only (the exact fast routes of
+    :func:`torch_secorder.func.ggn_diagonal`; columns of :math:`J` for a model that
+    draws random numbers; the autograd graph where ``torch.func`` refuses it), as
     :func:`~torch_secorder.approximations.gauss_newton_matrix_approximation`.
 
     Example:
@@ -256,85 +254,15 @@ class GGNOperator(CurvatureOperator):
         return model_output_problem(self.model, inputs, False, only=self.names)
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
-        loss_fn = self.loss_fn
         with self._output_problem(inputs, targets) as problem:
-            if not problem.active:
-                return torch.zeros_like(V)
-            like = [problem.params[i] for i in problem.active]
-            zeros = [torch.zeros_like(p) for p in problem.params]
-
-            def as_list(row: Tensor) -> list[Tensor]:
-                v = list(zeros)
-                for i, piece in zip(problem.active, tree_unravel(row, like), strict=True):
-                    v[i] = piece
-                return v
-
-            def active_part(result: list[Tensor]) -> Tensor:
-                return tree_ravel([result[i] for i in problem.active])
-
-            route = problem_ggn_product.__wrapped__  # the functional route, undecorated
-
-            def functional() -> Tensor:
-                one = torch.func.vmap(
-                    lambda row: active_part(route(problem, loss_fn, targets, as_list(row))),
-                    randomness="same",
-                )
-                return torch.cat([one(V[a:b]) for a, b in chunk_ranges(V.shape[0], self._step(V))])
-
-            def graph() -> Tensor:
-                return torch.stack(
-                    [
-                        active_part(problem.graph_ggn_product(loss_fn, targets, as_list(row)))
-                        for row in V
-                    ]
-                )
-
-            return problem.functional_or_graph(functional, graph)
-
-    def _step(self, V: Tensor) -> int:
-        if self.chunk_size is not None:
-            return self.chunk_size
-        return max(1, min(V.shape[0], DEFAULT_CHUNK_ELEMENTS // max(1, V.shape[1])))
+            return problem_ggn_matmat(problem, self.loss_fn, targets, V, self.chunk_size)
 
     def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
         with self._output_problem(inputs, targets) as problem:
-            if problem.active and not problem.rewind.draws_random:
-                # The operator's parameters only: the fast exact routes of ggn_diagonal.
-                loss_fn = self.loss_fn
-                loss_of_out = differentiable(lambda out: loss_fn(out, targets))
-                try:
-                    with torch.no_grad():
-                        out = problem.pure(problem.primals)
-                        with targets_fit(loss_fn, out, targets):
-                            check_loss(loss_of_out(out), "loss_fn(model(inputs), targets)")
-                    diag = ggn_diagonal(
-                        problem.pure, loss_of_out, problem.primals, chunk_size=self.chunk_size
-                    )
-                    return tree_ravel(list(diag))
-                except RuntimeError as exc:
-                    if not is_functional_refusal(exc):
-                        raise
-        if self.function is not None:  # refused by torch.func: e_i^T G e_i on the graph
-            return self._diagonal_by_products(index, inputs, targets)
-        # Random draws (one mask for the call) or a model torch.func refuses: the
-        # documented function's routes (columns of J, the autograd graph), all parameters.
-        diag = gauss_newton_matrix_approximation(
-            self.model, self.loss_fn, inputs, targets, chunk_size=self.chunk_size
-        )
-        trainable = [name for name, p in self.model.named_parameters() if p.requires_grad]
-        return _flat(dict(zip(trainable, diag, strict=True)), self.names, trainable)
-
-    def _diagonal_by_products(self, index: int, inputs: Any, targets: Any) -> Tensor:
-        """The diagonal as :math:`e_i^\top G_b e_i`, basis vectors in chunks (the slow route)."""
-        n = self.shape[0]
-        step = self.chunk_size or 8
-        pieces = []
-        for start, stop in chunk_ranges(n, step):
-            rows = torch.arange(stop - start, device=self.device)
-            basis = torch.zeros(stop - start, n, dtype=self.dtype, device=self.device)
-            basis[rows, rows + start] = 1.0
-            pieces.append(self._batch_matmat(index, inputs, targets, basis)[rows, rows + start])
-        return torch.cat(pieces)
+            if not problem.active:
+                return torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+            diag = problem_ggn_diagonal(problem, self.loss_fn, targets, chunk_size=self.chunk_size)
+            return tree_ravel(diag)
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
