@@ -112,7 +112,7 @@ def test_closure_form_takes_no_sweep_where_the_model_form_takes_none(no_sweep, a
 
 
 def test_blocks_route_through_the_closure(no_sweep):
-    """Per-sample blocks (embedding, linear on tokens) perturbed through SubstitutionMode."""
+    """Embedding and linear on tokens through SubstitutionMode (the graph route)."""
     torch.manual_seed(0)
     model = Tokens(50, 16, 3, attention=True, act=nn.Tanh).to(DT)
     idx, y = torch.randint(0, 50, (6, 3)), torch.randint(0, 3, (6,))
@@ -121,7 +121,7 @@ def test_blocks_route_through_the_closure(no_sweep):
     def closure():
         return F.cross_entropy(model(idx), y)
 
-    assert closure_plan(closure, params) == ["blocks", "blocks", "rows"]
+    assert closure_plan(closure, params) == ["graph", "graph", "graph"]
     expected = torch.diagonal(hessian_of_closure(closure, params))
     found = hessian_diagonal(closure, params, progress=False)
     assert_matches([torch.cat([d.reshape(-1) for d in found])], [expected])

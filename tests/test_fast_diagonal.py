@@ -258,50 +258,42 @@ def test_routes_are_taken_where_they_should_be():
     # chain: a plain MLP
     model, x = build("mlp", "tanh", 0, 6, 3)
     assert set(plan_of(model, ce, x, y).values()) == {"chain"}
-    # rows: a layer norm breaks the chain, rows stay independent
+    # graph: a layer norm breaks the chain; the graph route backpropagates through it
     model, x = build("layernorm", "tanh", 0, 6, 3)
-    assert set(plan_of(model, ce, x, y).values()) == {"rows"}
-    # batch norm in training mode couples the samples upstream of it only
+    assert set(plan_of(model, ce, x, y).values()) == {"graph"}
+    # batch norm in training mode couples the samples: the layers upstream of it are
+    # swept, its own affine part (rows independent) takes the layer route
     model, x = build("bn_train", "tanh", 0, 6, 3)
     plan = plan_of(model, ce, x, y)
     assert plan["0.weight"] == plan["0.bias"] == "sweep"
-    assert plan["1.weight"] == plan["3.weight"] == "rows"
+    assert plan["1.weight"] == "rows" and plan["3.weight"] == "graph"
     model.eval()
-    assert set(plan_of(model, ce, x, y).values()) == {"rows"}
-    # tied weights: swept; the untied head: by rows
+    assert set(plan_of(model, ce, x, y).values()) == {"graph"}
+    # tied weights: swept; the untied head: by the graph
     model, x = build("tied", "tanh", 0, 6, 3)
     plan = plan_of(model, ce, x, y)
     assert plan["shared.weight"] == plan["shared.bias"] == "sweep"
-    assert plan["head.weight"] == "rows"
-    # tokens: the pooled loss (and attention) couple the positions of a sample, not the
-    # samples: per-sample blocks, where cheaper than the sweep
+    assert plan["head.weight"] == "graph"
+    # tokens with attention: the graph route crosses softmax and both products
     torch.manual_seed(0)
     model = Tokens(50, 16, 3, attention=True, act=nn.Tanh).to(DT)
     idx = torch.randint(0, 50, (6, 3))
-    plan = plan_of(model, ce, idx, y)
-    assert plan["lin.weight"] == plan["emb.weight"] == "blocks"
-    assert plan["head.weight"] == "rows"
-    # a linear applied to tokens with a per-token loss: rows are the N*T positions
+    assert set(plan_of(model, ce, idx, y).values()) == {"graph"}
+    # a linear applied to tokens with a per-token loss
     tok = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
     xt, yt = torch.randn(3, 4, 4, dtype=DT), torch.randn(3, 4, 2, dtype=DT)
-    assert set(plan_of(tok, nn.MSELoss(), xt, yt).values()) == {"rows"}
+    assert set(plan_of(tok, nn.MSELoss(), xt, yt).values()) == {"graph"}
     fast = model_hessian_diagonal(tok, nn.MSELoss(), xt, yt, progress=False)
     for a, b in zip(fast, dense_diagonal(tok, nn.MSELoss(), xt, yt), strict=False):
         assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)
-    # convolutions: rows when nothing after them couples positions, else the sweep
+    # convolutions (grouped ones too) on the graph route
     conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 1)).to(DT)
     xc, yc = torch.randn(2, 2, 5, 5, dtype=DT), torch.randn(2, 4, 5, 5, dtype=DT)
-    assert set(plan_of(conv, nn.MSELoss(), xc, yc).values()) == {"rows"}
-    # (a grouped convolution keeps it off the chain route)
+    assert set(plan_of(conv, nn.MSELoss(), xc, yc).values()) == {"graph"}
     grouped = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.Conv2d(4, 4, 1))
     conv = nn.Sequential(grouped, nn.Flatten(), nn.Linear(100, 3)).to(DT)
-    plan = plan_of(conv, ce, xc, y[:2])
-    assert plan["0.0.weight"] == "sweep" and plan["2.weight"] == "rows"
-    # ... and the 1x1 convolution is not even probed where the probe (6 products, one per
-    # bit of the 50 rows) and its 2 unit products cost as much as sweeping its 8 entries
+    assert set(plan_of(conv, ce, xc, y[:2]).values()) == {"graph"}
     small = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 1)).to(DT)
-    plan = plan_of(small, nn.MSELoss(), xc, yc[:, :2])
-    assert plan["2.weight"] == plan["2.bias"] == "sweep" and plan["0.weight"] == "rows"
     fast = model_hessian_diagonal(small, nn.MSELoss(), xc, yc[:, :2], progress=False)
     for a, b in zip(fast, dense_diagonal(small, nn.MSELoss(), xc, yc[:, :2]), strict=False):
         assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)
@@ -317,7 +309,7 @@ def test_rows_route_matches_dense_on_conv_and_tokens():
     model = Tokens(20, 6, 3, attention=True, act=nn.GELU).to(DT)
     idx, y = torch.randint(0, 20, (3, 2)), torch.tensor([0, 1, 2])
     idx[0, 0] = idx[0, 1]  # a token repeated inside a sample: the cross terms count
-    assert plan_of(model, nn.CrossEntropyLoss(), idx, y)["emb.weight"] == "blocks"
+    assert plan_of(model, nn.CrossEntropyLoss(), idx, y)["emb.weight"] == "graph"
     fast = model_hessian_diagonal(model, nn.CrossEntropyLoss(), idx, y, progress=False)
     for a, b in zip(fast, dense_diagonal(model, nn.CrossEntropyLoss(), idx, y), strict=False):
         assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)
@@ -363,7 +355,8 @@ def test_plan_rejects_bad_kind():
 
 def test_layers_upstream_of_coupled_rows_are_not_probed(monkeypatch):
     """Probed last layer first: the first convolution feeds one whose rows are coupled,
-    so it goes to the sweep unprobed (weight and bias in one sweep); numbers exact."""
+    so it goes to the sweep unprobed (weight and bias in one sweep); numbers exact.
+    (A ``cumsum``, which has no graph rule, keeps the graph route off.)"""
     import torch_secorder.func.fast_diagonal as fd
 
     probed = []
@@ -384,12 +377,16 @@ def test_layers_upstream_of_coupled_rows_are_not_probed(monkeypatch):
         nn.Linear(27, 4),
     ).to(DT)
     x, y = torch.randn(3, 2, 6, 6, dtype=DT), torch.tensor([0, 3, 1])
-    plan = plan_of(model, nn.CrossEntropyLoss(), x, y)
+
+    def loss_fn(out, target):
+        return F.cross_entropy(torch.cumsum(out, 1), target)
+
+    plan = plan_of(model, loss_fn, x, y)
     assert probed == [F.linear, F.conv2d]
     assert plan["5.weight"] == plan["5.bias"] == "rows"
     assert {plan[f"{i}.{r}"] for i in (0, 2) for r in ("weight", "bias")} == {"sweep"}
     for chunk in (None, 7):
-        fast = model_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y, chunk_size=chunk)
-        dense = dense_diagonal(model, nn.CrossEntropyLoss(), x, y)
+        fast = model_hessian_diagonal(model, loss_fn, x, y, chunk_size=chunk)
+        dense = dense_diagonal(model, loss_fn, x, y)
         for a, b in zip(fast, dense, strict=True):
             assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)

@@ -1,8 +1,8 @@
 r"""Operator calls that are affine in a parameter: where the fast diagonal applies.
 
 A *site* is one call ``z = op(x, weight, bias, ...)`` of a recognised operator
-(``F.linear``, ``F.conv1d/2d/3d``, ``F.embedding``, and the affine part of
-``F.layer_norm``, ``F.group_norm``, ``F.batch_norm``).  The output ``z`` is
+(``F.linear``, ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``, ``F.embedding``,
+and the affine part of ``F.layer_norm``, ``F.group_norm``, ``F.batch_norm``).  The output ``z`` is
 affine in ``weight`` and in ``bias``: with :math:`u_k = \partial z/\partial\theta_k`
 (independent of :math:`\theta`),
 
@@ -71,6 +71,18 @@ _SIGNATURES: dict = {
 }
 for _conv in _CONVS:
     _SIGNATURES[_conv] = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_TRANSPOSED = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+for _conv in _TRANSPOSED:
+    _SIGNATURES[_conv] = (
+        "input",
+        "weight",
+        "bias",
+        "stride",
+        "padding",
+        "output_padding",
+        "groups",
+        "dilation",
+    )
 
 #: The operators whose calls can be sites.
 SITE_FUNCS = frozenset(_SIGNATURES)
@@ -90,6 +102,7 @@ _DEFAULTS = {
     "padding": 0,
     "dilation": 1,
     "groups": 1,
+    "output_padding": 0,
 }
 
 
@@ -208,18 +221,11 @@ class Site:
             elif self.kind == "conv":
                 x, w = b["input"], b["weight"]
                 if "weight" in self.roles:
-                    conv = self.call.func
+                    conv, names = self.call.func, _SIGNATURES[self.call.func]
 
                     def of_weight(weight: Tensor) -> Tensor:
-                        return conv(
-                            x * x,
-                            weight,
-                            None,
-                            b["stride"],
-                            b["padding"],
-                            b["dilation"],
-                            b["groups"],
-                        )
+                        given = {**b, "input": x * x, "weight": weight, "bias": None}
+                        return conv(*[given[name] for name in names])
 
                     out["weight"] = vjp(of_weight, w)[1](hz)[0]
                 if "bias" in self.roles:
@@ -300,8 +306,9 @@ def make_site(call: Call, leaf_ids: dict[int, int], once: set[int]) -> Site | No
     func = call.func
     if func is F.linear:
         kind, axes = "linear", (z.dim() - 1,)
-    elif func in _CONVS:
-        if x.dim() != _CONVS[func] + 2:  # unbatched convolution: leave it to the sweep
+    elif func in _CONVS or func in _TRANSPOSED:
+        spatial = _CONVS.get(func) or _TRANSPOSED[func]
+        if x.dim() != spatial + 2:  # unbatched convolution: leave it to the sweep
             return None
         kind, axes = "conv", (1,)
     elif func is F.embedding:

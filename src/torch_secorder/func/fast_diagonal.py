@@ -64,6 +64,7 @@ from torch.func import grad, jvp, vjp, vmap
 from torch_secorder._checks import check_chunk_size
 from torch_secorder.func._chain import chain_diagonal
 from torch_secorder.func._fixes import differentiable
+from torch_secorder.func._graph import graph_diagonal
 from torch_secorder.func._sites import SITE_FUNCS, Site, make_site
 from torch_secorder.func._tape import Call, PerturbMode, iter_tensors, record
 from torch_secorder.func._tree import PyTree, tree_leaves
@@ -75,7 +76,7 @@ from torch_secorder.linalg.trace import chunk_ranges
 __all__ = ["diagonal_plan", "fast_hessian_diagonal", "ggn_diagonal", "ROUTES"]
 
 #: The routes a parameter's diagonal can take (see the module docstring).
-ROUTES = ("chain", "rows", "blocks", "sweep")
+ROUTES = ("chain", "graph", "rows", "blocks", "sweep")
 
 
 class _Problem:
@@ -393,6 +394,25 @@ def _sweep_all(problem: _Problem, chunk_size, progress, plan_only):
     return diag, routes
 
 
+def _record(problem: _Problem) -> tuple[list[Call], Tensor, int | None]:
+    """The tape, the value, and the first call whose second derivatives count.
+
+    For the GGN the model and the loss are recorded one after the other (the
+    loss's calls start at the returned index); ``None`` when the model's output
+    is not one tensor (the graph route then does not run).
+    """
+    with torch.no_grad():
+        if problem.kind == "hessian":
+            calls, value = record(problem.f, problem.params)
+            return calls, value, 0
+        model_calls, out = record(problem.model_fn, problem.params)
+        if not isinstance(out, Tensor):
+            calls, value = record(problem.f, problem.params)
+            return calls, value, None
+        loss_calls, value = record(problem.loss_fn, out)
+        return model_calls + loss_calls, value, len(model_calls)
+
+
 def _run(problem: _Problem, chunk_size, progress, plan_only=False):
     leaves = problem.leaves
     routes: dict[int, str] = {}
@@ -404,8 +424,7 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
     # transform, or autograd through tensors that require grad) gets the sweep.
     if _under_transform():
         return _sweep_all(problem, chunk_size, progress, plan_only)
-    with torch.no_grad():
-        calls, value = record(problem.f, problem.params)
+    calls, value, curved_from = _record(problem)
     if _tracked(calls, leaves):
         return _sweep_all(problem, chunk_size, progress, plan_only)
     sites: list[Site] = []
@@ -419,6 +438,15 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
                 diag[i] = d
     else:
         sites = _find_sites(calls, leaves)
+        if curved_from is not None:
+            graphed = graph_diagonal(
+                calls, value, sites, curved_from, not plan_only, max_columns=chunk_size
+            )
+            for i, d in graphed.items():
+                routes[i] = "graph"
+                if d is not None:
+                    diag[i] = d
+            sites = [s for s in sites if not all(i in routes for i in s.roles.values())]
         gen = torch.Generator().manual_seed(0)
         feeders = _feeders(calls, sites)
         presumed_coupled: set[int] = set()
@@ -597,7 +625,7 @@ def diagonal_plan(f: Callable[[PyTree], Tensor], params: PyTree, kind: str = "he
         >>> diagonal_plan(f, {"w": w})
         {'w': 'sweep'}
         >>> diagonal_plan(lambda p: torch.nn.functional.linear(x, p["w"]).pow(4).sum(), {"w": w})
-        {'w': 'rows'}
+        {'w': 'graph'}
     """
     if kind != "hessian":
         raise ValueError(f"kind must be 'hessian', got {kind!r}")

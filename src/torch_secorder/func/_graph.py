@@ -1,0 +1,423 @@
+r"""The graph route: second-order backpropagation through the recorded calls.
+
+The loss :math:`L = \sum_n \ell_n` is split along the leading axis of every
+tensor (the samples; :mod:`torch_secorder.func._rules` checks that every call on
+the way acts on each slice separately or adds the slices).  Then the Hessian
+of :math:`L` with respect to any tensor ``t`` on the way is block diagonal over
+the slices, and it is carried backwards, from the loss to the parameters, in
+three kinds of terms, each crossing a call ``out = f(in)`` by the chain rule
+:math:`\nabla^2_{in} L = J^\top (\nabla^2_{out} L) J + \sum_j g_j \nabla^2 out_j`:
+
+* **signed columns** ``S`` (``(K, *t.shape)``, each column living on one slice
+  ``n``: ``S[k, n]`` is the ``k``-th column of slice ``n``, with a sign
+  ``(K, N)``): the term :math:`\sum_k s_{kn} S_{kn} S_{kn}^\top`.  Crossing a
+  call maps every column by :math:`J^\top` (``torch.func.vjp`` of the recorded
+  call, vmapped over the columns); where a tensor is read twice (a residual
+  connection), the columns of one origin arriving from its readers add;
+  columns of different origins are carried separately (one backward walk per
+  origin, each in chunks of columns).
+* a **diagonal** :math:`\operatorname{diag}(r)`: kept as a diagonal across
+  calls with a diagonal Jacobian (scaled by its square), and read off at an
+  affine parameter site in closed form (:meth:`~torch_secorder.func._sites.Site.diag_rows`);
+  where it meets any other call it becomes signed columns
+  :math:`\sqrt{|r_i|}\, e_i` (as many per slice as the slice has entries).
+* the **residual** terms :math:`\sum_j g_j \nabla^2 out_j` of curved calls
+  (their rules give a diagonal and/or columns; ``g`` comes from a first-order
+  backward pass), which start new origins.  The loss itself is such a call.
+
+At an affine site ``z = op(x, \theta)`` whose parameter no other call reads
+(:mod:`~torch_secorder.func._sites`), the columns give the parameter's
+diagonal :math:`\sum_{k,n} s_{kn} (\partial_\theta \langle S_{kn}, z_n\rangle)^2`:
+the per-sample gradients of the columns, squared (for a linear layer on
+``(N, D)`` rows :math:`(\sum_k s_k S_k^2)^\top (x\odot x)`).  For a network of
+linear and piecewise-linear calls (ReLU, max pooling) only the loss's columns
+exist: ``C`` per sample for ``C`` outputs, the GGN's cost.  For the GGN only the
+loss's calls contribute residuals.
+
+A parameter whose site is upstream of a call without a rule (or that mixes the
+slices: training-mode batch norm, a transposed leading axis, a curved call
+whose slice is too large for its dense residual) is not covered; the caller
+takes another exact route for it.
+
+Memory: a walk carries at most ``budget`` (default
+:data:`~torch_secorder.func.hvp.DEFAULT_CHUNK_ELEMENTS`) column entries at one
+tensor: the columns of an origin go in chunks of
+``max(1, budget // largest tensor)``; per-sample gradients at a site in chunks
+of ``max(1, budget // (N * parameter entries))`` columns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from torch_secorder.func._rules import (
+    BATCHED,
+    REDUCED,
+    Activation,
+    elementwise_derivatives,
+    rule_for,
+    substituted,
+)
+from torch_secorder.func._sites import Site
+from torch_secorder.func._tape import Call, iter_tensors
+from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
+
+__all__ = ["graph_diagonal"]
+
+
+@dataclass
+class _Step:
+    """One recorded call on the way from a site to the loss."""
+
+    index: int
+    call: Call
+    active: list[Tensor]  # its inputs that depend on the sites (by identity, no repeats)
+    rule: object = None
+    site: Site | None = None
+    curved: bool = False
+    elementwise: bool = False
+    useful: list[Tensor] = field(default_factory=list)  # active inputs with sites upstream
+    _vjp: object = None
+
+    @property
+    def outs(self) -> list[Tensor]:
+        return list(iter_tensors(self.call.out))
+
+    _jac: Tensor | None = None
+
+    def vjp_fn(self):
+        if self._vjp is None:
+            fn = substituted(self.call, self.active)
+            self._vjp = vjp(fn, *self.active)[1]
+        return self._vjp
+
+    def jacobian(self) -> Tensor:
+        """The diagonal of the Jacobian of an elementwise call."""
+        if self._jac is None:
+            found = None
+            if isinstance(self.rule, Activation):
+                found = elementwise_derivatives(
+                    self.call, self.active[0], self.rule.piecewise_linear
+                )
+            if found is None:
+                self._jac = self.vjp_fn()(torch.ones_like(self.call.out))[0]
+            else:
+                self._jac = found[0]
+        return self._jac
+
+    def back(self, mine: list[Tensor]) -> list[Tensor]:
+        """Columns ``(K, *out.shape)`` at the outputs -> at the active inputs."""
+        if self.elementwise:
+            return [mine[0] * self.jacobian()]
+        if isinstance(self.call.out, Tensor):
+            fast = self.rule.fast_vjp(self.call, self.active, mine[0])
+            if fast is not None:
+                return fast
+            return list(vmap(self.vjp_fn())(mine[0]))
+        return list(vmap(self.vjp_fn())(tuple(mine)))
+
+
+class _Plan:
+    """Which sites the graph route covers, and the calls it walks."""
+
+    def __init__(self, calls: list[Call], value: Tensor, sites: list[Site], curved_from: int):
+        self.value = value
+        site_of = {id(s.call): s for s in sites}
+        active: dict[int, Tensor] = {}
+        kinds: dict[int, str | None] = {}
+        steps: list[_Step] = []
+        bad: set[int] = set()
+        n = None
+        for i, call in enumerate(calls):
+            site = site_of.get(id(call))
+            seen: dict[int, Tensor] = {}
+            for t in call.tensor_inputs():
+                if id(t) in active:
+                    seen.setdefault(id(t), t)
+            ins = list(seen.values())
+            if not ins and site is None:
+                continue
+            if site is not None and n is None:
+                z = call.out
+                n = z.shape[0] if z.dim() > 0 else None
+            step = _Step(i, call, ins, rule_for(call), site)
+            kind = self._kind(step, [kinds[id(t)] for t in ins], n)
+            if kind is not None and ins and i >= curved_from:
+                step.curved = step.rule.is_curved(call, ins)
+                if step.curved and not step.rule.residual_ok(call, ins):
+                    kind = None
+            if kind is not None and ins:
+                step.elementwise = step.rule.is_elementwise(call, ins)
+            if kind is None:
+                # Not crossed: the parameters upstream are not covered, and for the
+                # calls downstream its outputs are constants (a new source).
+                bad.add(id(call))
+            for o in step.outs:
+                active[id(o)] = o
+                kinds[id(o)] = kind if kind is not None else self._source(o, n)
+            steps.append(step)
+        self.n = n
+        # the calls on the way to the loss value
+        needed = {id(value)} if kinds.get(id(value)) == REDUCED else set()
+        walk = []
+        for step in reversed(steps):
+            if any(id(o) in needed for o in step.outs):
+                walk.append(step)
+                needed.update(id(t) for t in step.active)
+        walk.reverse()
+        # everything upstream of a call without an answer is not covered
+        tainted: set[int] = set()
+        for step in reversed(walk):
+            if id(step.call) in bad or any(id(o) in tainted for o in step.outs):
+                tainted.update(id(t) for t in step.active)
+                tainted.update(id(o) for o in step.outs)
+        self.sites = [
+            s.site
+            for s in walk
+            if s.site is not None and id(s.call.out) not in tainted and self._site_ok(s.site, n)
+        ]
+        covered = {id(s.call.out) for s in self.sites}
+        useful: set[int] = set(covered)
+        for step in walk:
+            step.useful = [t for t in step.active if id(t) in useful and id(t) not in tainted]
+            if step.useful:
+                useful.update(id(o) for o in step.outs)
+        self.walk = walk
+        self.covered = covered
+
+    @staticmethod
+    def _source(t: Tensor, n: int | None) -> str | None:
+        return BATCHED if n is not None and t.dim() > 0 and t.shape[0] == n else None
+
+    @staticmethod
+    def _kind(step: _Step, kinds: list[str | None], n: int | None) -> str | None:
+        call = step.call
+        if n is None or any(k is None for k in kinds):
+            return None
+        if not step.active:  # a site reading constants only
+            z = call.out
+            ok = isinstance(z, Tensor) and z.dim() > 0 and z.shape[0] == n
+            return BATCHED if ok else None
+        if step.rule is None:
+            return None
+        return step.rule.samples(call, step.active, kinds, n)
+
+    @staticmethod
+    def _site_ok(site: Site, n: int) -> bool:
+        x = site.bound["input"]
+        z = site.call.out
+        return z.dim() > 0 and z.shape[0] == n and x.dim() > 0 and x.shape[0] == n
+
+
+def graph_diagonal(
+    calls: list[Call],
+    value: Tensor,
+    sites: list[Site],
+    curved_from: int = 0,
+    compute: bool = True,
+    budget: int = DEFAULT_CHUNK_ELEMENTS,
+    max_columns: int | None = None,
+) -> dict[int, Tensor | None]:
+    """Diagonals (leaf index -> tensor) of the parameters the graph route covers.
+
+    ``sites``: the affine sites of once-read parameters; ``curved_from``: the
+    first call whose second derivatives count (``0`` for the Hessian, the first
+    call of the loss for the GGN); ``compute=False`` only plans (values
+    ``None``).
+    """
+    plan = _Plan(calls, value, sites, curved_from)
+    if not plan.sites:
+        return {}
+    if not compute:
+        return {i: None for s in plan.sites for i in s.roles.values()}
+    with torch.no_grad():
+        acc = _Backprop(plan, budget, max_columns).run()
+    out: dict[int, Tensor] = {}
+    for site in plan.sites:
+        for role, i in site.roles.items():
+            out[i] = acc[(id(site), role)].reshape(site.bound[role].shape)
+    return out
+
+
+class _Backprop:
+    def __init__(self, plan: _Plan, budget: int, max_columns: int | None):
+        self.plan = plan
+        self.budget = budget
+        self.max_columns = max_columns
+        self.acc: dict[tuple[int, str], Tensor] = {}
+        self.site_of = {id(s.call): s for s in plan.sites}
+
+    def _add(self, site: Site, found: dict[str, Tensor]) -> None:
+        for role, v in found.items():
+            key = (id(site), role)
+            v = v.reshape(site.bound[role].shape)
+            self.acc[key] = v if key not in self.acc else self.acc[key] + v
+
+    def run(self) -> dict[tuple[int, str], Tensor]:
+        plan = self.plan
+        for site in plan.sites:
+            self._add(site, {r: torch.zeros_like(site.bound[r]) for r in site.roles})
+        g: dict[int, Tensor] = {id(plan.value): torch.ones_like(plan.value)}
+        diag: dict[int, Tensor] = {}
+        origins: list[tuple] = []
+        floor = min((s.index for s in plan.walk if s.curved and s.useful), default=math.inf)
+        for step in reversed(plan.walk):
+            outs = step.outs
+            g_outs = [g.pop(id(o), None) for o in outs]
+            if all(x is None for x in g_outs) and not any(id(o) in diag for o in outs):
+                continue
+            g_outs = [torch.zeros_like(o) if x is None else x for o, x in zip(outs, g_outs)]
+            site = self.site_of.get(id(step.call))
+            z = step.call.out
+            if site is not None and id(z) in diag:
+                self._add(site, site.diag_rows(site.to_rows(diag[id(z)])))
+            if not step.useful:
+                for o in outs:
+                    diag.pop(id(o), None)
+                continue
+            cot = g_outs[0] if isinstance(step.call.out, Tensor) else tuple(g_outs)
+            if step.index > floor:  # gradients are needed further down
+                ins_g = step.back([x[None] for x in g_outs])
+                for t, gi in zip(step.active, ins_g):
+                    if self._is_useful(step, id(t)):
+                        gi = gi[0]
+                        g[id(t)] = gi if id(t) not in g else g[id(t)] + gi
+            if step.curved:
+                res = step.rule.residual(step.call, step.active, cot)
+                for key, d in res.diag.items():
+                    if any(id(u) == key for u in step.useful):
+                        diag[key] = d if key not in diag else diag[key] + d
+                if res.columns:
+                    cols = {k: c for k, c in res.columns.items() if self._is_useful(step, k)}
+                    if cols:
+                        origins.append((step.index, False, cols, res.sign))
+            for o in outs:
+                d = diag.pop(id(o), None)
+                if d is None:
+                    continue
+                if step.elementwise:
+                    (a,) = step.active
+                    jac = step.jacobian()
+                    d = d * jac * jac
+                    diag[id(a)] = d if id(a) not in diag else diag[id(a)] + d
+                else:
+                    origins.append((step.index, True, o, d))
+        for start, inclusive, cols, sign in origins:
+            if inclusive:
+                self._walk_diag(start, cols, sign)
+            else:
+                self._walk(start, False, cols, sign)
+        return self.acc
+
+    @staticmethod
+    def _is_useful(step: _Step, key: int) -> bool:
+        return any(id(u) == key for u in step.useful)
+
+    def _chunk(self) -> int:
+        largest = max(
+            (o.numel() for s in self.plan.walk if s.useful for o in [*s.outs, *s.useful]),
+            default=1,
+        )
+        chunk = max(1, self.budget // max(largest, 1))
+        return chunk if self.max_columns is None else min(chunk, self.max_columns)
+
+    def _walk_diag(self, start: int, node: Tensor, d: Tensor) -> None:
+        """Columns :math:`\\sqrt{|d_i|} e_i` (one per entry of a slice) from ``node`` down."""
+        n = node.shape[0]
+        per = node[0].numel()
+        flat = d.reshape(n, per)
+        chunk = self._chunk()
+        for lo in range(0, per, chunk):
+            hi = min(per, lo + chunk)
+            k = hi - lo
+            cols = node.new_zeros(k, n, per)
+            idx = torch.arange(k, device=node.device)
+            cols[idx, :, lo + idx] = flat[:, lo:hi].abs().sqrt().T
+            sign = torch.sign(flat[:, lo:hi]).T
+            self._walk(start, True, {id(node): cols.reshape(k, *node.shape)}, sign)
+
+    def _walk(self, start: int, inclusive: bool, cols: dict[int, Tensor], sign: Tensor) -> None:
+        k = sign.shape[0]
+        chunk = self._chunk()
+        if k > chunk:
+            for lo in range(0, k, chunk):
+                part = {key: c[lo : lo + chunk] for key, c in cols.items()}
+                self._walk(start, inclusive, part, sign[lo : lo + chunk])
+            return
+        cols = dict(cols)
+        for step in reversed(self.plan.walk):
+            if step.index > start or (step.index == start and not inclusive):
+                continue
+            outs = step.outs
+            mine = [cols.pop(id(o), None) for o in outs]
+            if all(c is None for c in mine):
+                continue
+            site = self.site_of.get(id(step.call))
+            if site is not None and not (step.index == start and inclusive):
+                self._add(site, self._site_columns(site, mine[0], sign))
+            if not step.useful:
+                continue
+            mine = [torch.zeros(k, *o.shape, dtype=o.dtype, device=o.device) if c is None else c
+                    for o, c in zip(outs, mine)]  # fmt: skip
+            for t, c in zip(step.active, step.back(mine)):
+                if self._is_useful(step, id(t)):
+                    cols[id(t)] = c if id(t) not in cols else cols[id(t)] + c
+
+    def _site_columns(self, site: Site, s: Tensor, sign: Tensor) -> dict[str, Tensor]:
+        r""":math:`\sum_{k,n} s_{kn} (\partial_\theta \langle S_{kn}, z_n\rangle)^2` per role."""
+        x = site.bound["input"]
+        if site.kind == "linear" and x.dim() == 2:
+            h = torch.einsum("kno,kno,kn->no", s, s, sign)
+            out = {}
+            if "weight" in site.roles:
+                out["weight"] = h.T @ (x * x)
+            if "bias" in site.roles:
+                out["bias"] = h.sum(0)
+            return out
+        return _per_sample_squares(site, s, sign, self.budget)
+
+
+def _per_sample_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str, Tensor]:
+    """Signed sums of squared per-sample parameter gradients of the columns ``s``."""
+    roles = list(site.roles)
+    params = tuple(site.bound[r] for r in roles)
+    call, x = site.call, site.bound["input"]
+    n, k = x.shape[0], s.shape[0]
+    numel = sum(p.numel() for p in params)
+    chunk = max(1, budget // max(1, n * numel))
+
+    def swap(obj, ps):
+        if isinstance(obj, Tensor):
+            for r, p in zip(roles, ps):
+                if obj is site.bound[r]:
+                    return p
+            return obj
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(swap(o, ps) for o in obj)
+        return obj
+
+    def one(s_n: Tensor, x_n: Tensor) -> tuple[Tensor, ...]:
+        def f(*ps: Tensor) -> Tensor:
+            args = list(swap(call.args, ps))
+            kwargs = {key: swap(v, ps) for key, v in call.kwargs.items()}
+            if args and args[0] is x:
+                args[0] = x_n[None]
+            else:
+                kwargs["input"] = x_n[None]
+            return call.func(*args, **kwargs)
+
+        return vjp(f, *params)[1](s_n[None])
+
+    batched = vmap(vmap(one, in_dims=(0, None)), in_dims=(1, 0))
+    totals = [torch.zeros_like(p) for p in params]
+    for lo in range(0, k, chunk):
+        grads = batched(s[lo : lo + chunk], x)  # each (N, k, *p.shape)
+        w = sign[lo : lo + chunk].T  # (N, k)
+        for j, gr in enumerate(grads):
+            totals[j] = totals[j] + torch.einsum("nk...,nk->...", gr * gr, w)
+    return dict(zip(roles, totals))

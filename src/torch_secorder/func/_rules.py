@@ -1,0 +1,861 @@
+r"""One rule per recorded operation: how second-order backpropagation crosses it.
+
+The graph route (:mod:`torch_secorder.func._graph`) walks the recorded calls
+backwards carrying, for every tensor, its gradient, a diagonal term and sets of
+signed columns of the loss Hessian with respect to it.  What it needs from a
+call ``out = f(in_1, ..., in_m)`` (``in_i`` the inputs that depend on the
+parameters, the *active* ones; every other argument a constant):
+
+* its Jacobian transpose on columns: ``torch.func.vjp`` of the recorded call,
+  vmapped over the columns (one rule for every operation; linear in the
+  columns, so columns of one origin that meet again add);
+* whether its Jacobian is diagonal (``elementwise``): then a diagonal term
+  crosses it as a diagonal, scaled by the squared derivative;
+* its residual term, where its second derivative is not zero (``curved``):
+  :math:`\sum_j g_j \nabla^2 out_j` with ``g`` the gradient at the output, as a
+  diagonal (elementwise activations: :math:`g \odot \sigma''`, from autograd's
+  double backward of the very call recorded, so that the numbers match the
+  other routes'), as closed-form columns (softmax), or from the dense Hessian
+  of each slice ``in[n]`` (any other curved call, when small enough);
+* how it treats the leading axis (:meth:`Rule.samples`): the route splits the
+  loss into a sum over the slices ``n`` of that axis (the samples) and needs
+  every call to act on each slice separately (``"batched"``), or to add the
+  slices' values (``"reduced"``: ``sum``, ``mean``, the losses).  A call that
+  mixes slices (training-mode batch norm, a transpose of the leading axis) has
+  no rule answer: the parameters upstream of it take another route.
+
+The table :data:`RULES` maps the recorded function (``torch.tanh``,
+``Tensor.__add__``, ``F.max_pool2d``, ...) to its rule; a function that is not
+in it stops the route the same way.  BackPACK keeps one small class of
+derivatives per module in the same spirit (``core/derivatives``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from torch_secorder.func._tape import Call, iter_tensors
+
+__all__ = ["Rule", "RULES", "rule_for", "Residual", "elementwise_derivatives"]
+
+BATCHED, REDUCED = "batched", "reduced"
+
+
+@dataclass
+class Residual:
+    """A residual term at a call's inputs: a diagonal at one input and/or signed columns.
+
+    ``diag``: ``{id(input): tensor shaped like the input}``; ``columns``:
+    ``{id(input): (K, *input.shape)}`` (one origin: a column's parts on several
+    inputs belong together), ``sign``: ``(K, N)``.
+    """
+
+    diag: dict[int, Tensor]
+    columns: dict[int, Tensor] | None = None
+    sign: Tensor | None = None
+
+
+def _same_shape(call: Call, active: list[Tensor]) -> bool:
+    out = call.out
+    return len(active) == 1 and isinstance(out, Tensor) and out.shape == active[0].shape
+
+
+def _both_active(call: Call, active: list[Tensor]) -> bool:
+    """Whether the first two arguments are both active (``x * x`` too)."""
+    ids = {id(a) for a in active}
+    args = call.args[:2]
+    return len(args) == 2 and all(isinstance(a, Tensor) and id(a) in ids for a in args)
+
+
+def _dense_ok(active: list[Tensor]) -> bool:
+    return 0 < sum(a[0].numel() for a in active) <= DENSE_LIMIT
+
+
+def _arg(call: Call, index: int, name: str, default=None):
+    if name in call.kwargs:
+        return call.kwargs[name]
+    if len(call.args) > index:
+        return call.args[index]
+    return default
+
+
+def _dims(dim, ndim: int) -> list[int] | None:
+    if dim is None:
+        return None
+    if isinstance(dim, int):
+        dim = [dim]
+    return [d % ndim for d in dim]
+
+
+def _aligned(call: Call, active: list[Tensor], n: int) -> bool:
+    """Every active input and every output has the leading axis ``n`` in front."""
+    outs = list(iter_tensors(call.out))
+    if not outs or any(o.dim() == 0 or o.shape[0] != n for o in outs):
+        return False
+    ndim = outs[0].dim()
+    return all(a.dim() == ndim and a.shape[0] == n for a in active)
+
+
+class Rule:
+    """How the graph route crosses one kind of call (defaults: a linear, per-slice call).
+
+    Attributes:
+        curved: Whether the second derivative in the active inputs can be nonzero.
+        elementwise: Whether the Jacobian is diagonal (one active input, same shape).
+    """
+
+    curved = False
+    elementwise = False
+
+    def samples(self, call: Call, active: list[Tensor], kinds: list[str], n: int) -> str | None:
+        """``"batched"``, ``"reduced"`` or ``None`` (the call mixes the slices)."""
+        if all(k == BATCHED for k in kinds) and _aligned(call, active, n):
+            return BATCHED
+        return None
+
+    def is_curved(self, call: Call, active: list[Tensor]) -> bool:
+        return self.curved
+
+    def is_elementwise(self, call: Call, active: list[Tensor]) -> bool:
+        return self.elementwise and _same_shape(call, active)
+
+    def residual_ok(self, call: Call, active: list[Tensor]) -> bool:
+        """Whether :meth:`residual` can be formed (checked before computing)."""
+        return True
+
+    def residual(self, call: Call, active: list[Tensor], g_out: Tensor) -> Residual | None:
+        """The residual term (``None``: declines; the route then stops there)."""
+        return None
+
+    def fast_vjp(self, call: Call, active: list[Tensor], cols: Tensor) -> list[Tensor] | None:
+        """Closed-form Jacobian transpose of columns ``(K, *out.shape)`` (one output), one
+        result per active input, or ``None`` (then ``torch.func.vjp``, vmapped)."""
+        return None
+
+
+class Linear(Rule):
+    """A call linear in its active inputs (shape changes, sums, pooling, ...)."""
+
+
+class Pointwise(Rule):
+    """``add``/``sub``/``mul``/``div``/``where``-like calls with broadcasting.
+
+    Linear (and elementwise) with one active input; ``mul`` of two active
+    inputs is curved, ``div`` by an active input too.  On reduced values (a
+    summed loss) only linear combinations keep the slices apart.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind  # "add", "mul", "div", "neg"
+
+    def samples(self, call, active, kinds, n):
+        if all(k == REDUCED for k in kinds) and isinstance(call.out, Tensor):
+            if self.kind in ("add", "neg"):
+                return REDUCED
+            if len(active) == 1 and (self.kind == "mul" or call.args[0] is active[0]):
+                return REDUCED
+            return None
+        return super().samples(call, active, kinds, n)
+
+    def is_curved(self, call, active):
+        if self.kind == "div":
+            return any(t is active_t for t in call.args[1:2] for active_t in active)
+        return self.kind == "mul" and _both_active(call, active)
+
+    def is_elementwise(self, call, active):
+        return _same_shape(call, active) and not self.is_curved(call, active)
+
+    def residual_ok(self, call, active):
+        return _dense_ok(active)
+
+    def residual(self, call, active, g_out):
+        return _dense_residual(call, active, g_out)
+
+    def fast_vjp(self, call, active, cols):
+        out = call.out
+        if self.kind != "add" or call.kwargs or len(call.args) != 2:
+            return None
+        if any(a.shape != out.shape for a in active) or not _both_active(call, active):
+            return None
+        if call.args[0] is call.args[1]:
+            return None
+        name = call.name
+        first = -1.0 if name == "__rsub__" else 1.0
+        second = -1.0 if name in ("sub", "__sub__") else 1.0
+        by_id = {id(call.args[0]): first, id(call.args[1]): second}
+        return [cols if by_id[id(a)] > 0 else -cols for a in active]
+
+
+class Activation(Rule):
+    """An elementwise function of one tensor (``tanh``, ``gelu``, ``exp``, ``pow``, ...)."""
+
+    elementwise = True
+
+    def __init__(self, piecewise_linear: bool = False):
+        self.piecewise_linear = piecewise_linear
+
+    def samples(self, call, active, kinds, n):
+        if call.args and call.args[0] is not active[0]:
+            return None  # e.g. ``2 ** x`` with the tensor second: take the dense way
+        if len(active) != 1 or not isinstance(call.out, Tensor):
+            return None
+        if call.out.shape != active[0].shape or _inplace(call):
+            return None
+        return super().samples(call, active, kinds, n)
+
+    def is_curved(self, call, active):
+        return not self.piecewise_linear
+
+    def residual_ok(self, call, active):
+        return elementwise_derivatives(call, active[0], self.piecewise_linear) is not None
+
+    def residual(self, call, active, g_out):
+        derivatives = elementwise_derivatives(call, active[0], self.piecewise_linear)
+        if derivatives is None:
+            return None
+        return Residual({id(active[0]): g_out * derivatives[1]})
+
+
+class Softmax(Rule):
+    r"""``softmax``/``log_softmax`` along a non-leading axis.
+
+    With :math:`p` the softmax of a row and :math:`g` the gradient at the
+    output, the residual per row is, for softmax,
+    :math:`\operatorname{diag}(u) - u p^\top - p u^\top` with
+    :math:`u = p \odot (g - g^\top p)`, i.e. a diagonal and two signed columns
+    :math:`(u \pm p)/\sqrt 2`; for log-softmax
+    :math:`-(\textstyle\sum g)(\operatorname{diag}(p) - p p^\top)`.
+    """
+
+    curved = True
+
+    def __init__(self, log: bool):
+        self.log = log
+
+    def _dim(self, call) -> int | None:
+        dim = _arg(call, 1, "dim")
+        if dim is None or _arg(call, 2, "dtype") is not None or len(call.args) > 3:
+            return None
+        return dim % call.out.dim()
+
+    def samples(self, call, active, kinds, n):
+        if len(active) != 1 or call.args[0] is not active[0] or _inplace(call):
+            return None
+        dim = self._dim(call)
+        if dim is None or dim == 0:
+            return None
+        return super().samples(call, active, kinds, n)
+
+    def residual(self, call, active, g_out):
+        x = active[0]
+        dim = self._dim(call)
+        p = torch.softmax(x, dim)
+        if self.log:
+            total = g_out.sum(dim, keepdim=True)
+            diag = -total * p
+            col = p * total.abs().sqrt()
+            return _row_columns(x, dim, diag, [(col, torch.sign(total))])
+        u = p * (g_out - (g_out * p).sum(dim, keepdim=True))
+        r = math.sqrt(0.5)
+        ones = torch.ones_like(p.sum(dim, keepdim=True))
+        return _row_columns(x, dim, u, [((u + p) * r, -ones), ((u - p) * r, ones)])
+
+
+def _row_columns(x: Tensor, dim: int, diag: Tensor, parts) -> Residual:
+    """Columns living on one row (along ``dim``) each: ``(rows * len(parts), *x.shape)``.
+
+    ``parts``: ``(values shaped like x, sign per row shaped like x with dim 1)``.
+    """
+    n = x.shape[0]
+    moved = x.movedim(dim, -1)
+    rows = moved[0, ..., 0].numel()  # rows per slice
+    cols, signs = [], []
+    for values, sign in parts:
+        v = values.movedim(dim, -1).reshape(n, rows, -1)  # (N, R, T)
+        s = sign.movedim(dim, -1).reshape(n, rows)  # (N, R)
+        eye = torch.eye(rows, dtype=x.dtype, device=x.device)
+        c = torch.einsum("nrt,kr->knrt", v, eye)  # column k on row k
+        cols.append(c.reshape(rows, *moved.shape).movedim(-1, dim + 1))
+        signs.append(s.T)  # (R, N)
+    return Residual({id(x): diag}, {id(x): torch.cat(cols)}, torch.cat(signs))
+
+
+class Reduce(Rule):
+    """``sum``/``mean`` (over some axes: batched, over all or the leading one: reduced)."""
+
+    def samples(self, call, active, kinds, n):
+        if len(active) != 1 or call.args[0] is not active[0]:
+            return None
+        x = active[0]
+        if kinds[0] == REDUCED:
+            return REDUCED
+        dims = _dims(_arg(call, 1, "dim"), x.dim())
+        if _arg(call, 3, "dtype") is not None:
+            return None
+        if dims is None or 0 in dims:
+            return REDUCED
+        out = call.out
+        if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == n == x.shape[0]:
+            return BATCHED
+        return None
+
+
+class Loss(Rule):
+    """A loss of an input and a constant target: reduced (``"mean"``, ``"sum"``) or per slice.
+
+    Its residual is the dense Hessian of each slice (classes and positions of one
+    sample), from Hessian-vector products.
+    """
+
+    curved = True
+
+    def __init__(self, piecewise_linear: bool = False):
+        self.piecewise_linear = piecewise_linear
+
+    def samples(self, call, active, kinds, n):
+        if len(active) != 1 or not call.args or call.args[0] is not active[0]:
+            return None
+        if any(k != BATCHED for k in kinds) or active[0].dim() < 1 or active[0].shape[0] != n:
+            return None
+        if call.func in (F.cross_entropy, F.nll_loss) and active[0].dim() < 2:
+            return None  # unbatched: the classes would be the leading axis
+        reduction = call.kwargs.get("reduction", "mean")
+        if any(k in call.kwargs and call.kwargs[k] is not None for k in ("size_average", "reduce")):
+            return None
+        if reduction in ("mean", "sum"):
+            return REDUCED
+        if reduction == "none" and isinstance(call.out, Tensor) and call.out.dim() > 0:
+            return BATCHED if call.out.shape[0] == n else None
+        return None
+
+    def is_curved(self, call, active):
+        return not self.piecewise_linear
+
+    def residual_ok(self, call, active):
+        return _loss_hessian(call, active[0]) is not None or _dense_ok(active)
+
+    def residual(self, call, active, g_out):
+        closed = _loss_hessian(call, active[0])
+        if closed is None:
+            return _dense_residual(call, active, g_out)
+        x = active[0]
+        kind, h = closed
+        if kind == "diag":
+            return Residual({id(x): g_out * h})
+        return _eig_columns([x], g_out * h)
+
+
+def _loss_hessian(call: Call, x: Tensor) -> tuple[str, Tensor] | None:
+    """Closed forms of the loss Hessian per sample (``None``: use the dense way).
+
+    ``F.mse_loss`` without ``weight``: ``("diag", 2 / s)`` shaped like the input;
+    ``F.cross_entropy`` on ``(N, C)`` logits, no ``weight``, no label smoothing, no
+    ignored target, class indices or probabilities: ``("dense", (N, C, C))``
+    :math:`m (\\operatorname{diag} p - p p^\top) / s` (``m`` the target mass,
+    ``s`` the mean's divisor).
+    """
+    reduction = call.kwargs.get("reduction", "mean")
+    if reduction not in ("mean", "sum") or call.args[0] is not x:
+        return None
+    if call.func is F.mse_loss:
+        target = _arg(call, 1, "target")
+        if _arg(call, 5, "weight") is not None or len(call.args) > 2:
+            return None
+        if not isinstance(target, Tensor) or target.shape != x.shape:
+            return None
+        scale = x.numel() if reduction == "mean" else 1
+        return "diag", torch.full_like(x, 2.0 / scale)
+    if call.func is not F.cross_entropy or x.dim() != 2 or len(call.args) > 2:
+        return None
+    kw = call.kwargs
+    if kw.get("weight") is not None or kw.get("label_smoothing", 0.0) != 0.0:
+        return None
+    target = _arg(call, 1, "target")
+    n, c = x.shape
+    if not isinstance(target, Tensor):
+        return None
+    if target.dtype in (torch.int64, torch.int32) and target.shape == (n,):
+        if bool((target == kw.get("ignore_index", -100)).any()):
+            return None
+        mass = torch.ones(n, 1, dtype=x.dtype, device=x.device)
+    elif target.is_floating_point() and target.shape == x.shape:
+        mass = target.sum(1, keepdim=True)
+    else:
+        return None
+    scale = n if reduction == "mean" else 1
+    p = torch.softmax(x, 1)
+    h = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) * (mass / scale)[:, :, None]
+    return "dense", h
+
+
+class Matmul(Rule):
+    """``@``/``matmul``/``bmm``: linear with one active operand, curved with two."""
+
+    def samples(self, call, active, kinds, n):
+        if len(call.args) != 2 or call.kwargs or any(k != BATCHED for k in kinds):
+            return None
+        a, b = call.args
+        if not isinstance(a, Tensor) or not isinstance(b, Tensor) or min(a.dim(), b.dim()) < 2:
+            return None
+        out = call.out
+        if out.dim() == 2 and a is not active[0] or len(active) == 2 and out.dim() < 3:
+            return None
+        return super().samples(call, active, kinds, n)
+
+    def is_curved(self, call, active):
+        return _both_active(call, active)
+
+    def residual_ok(self, call, active):
+        return _dense_ok(active)
+
+    def residual(self, call, active, g_out):
+        return _dense_residual(call, active, g_out)
+
+
+class Norm(Rule):
+    """``layer_norm``/``group_norm`` (normalisation per slice: curved); eval ``batch_norm``."""
+
+    curved = True
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def samples(self, call, active, kinds, n):
+        if len(active) != 1 or call.args[0] is not active[0]:
+            return None
+        if self.kind == "batch_norm":
+            training = _arg(call, 5, "training", False)
+            if training or _arg(call, 1, "running_mean") is None:
+                return None
+        if self.kind == "layer_norm":
+            shape = _arg(call, 1, "normalized_shape")
+            if shape is None or len(tuple(shape)) >= active[0].dim():
+                return None
+        if self.kind == "group_norm" and active[0].dim() < 2:
+            return None
+        return super().samples(call, active, kinds, n)
+
+    def is_curved(self, call, active):
+        return self.kind != "batch_norm"
+
+    def is_elementwise(self, call, active):
+        return self.kind == "batch_norm" and _same_shape(call, active)
+
+    def residual_ok(self, call, active):
+        return _dense_ok(active)
+
+    def residual(self, call, active, g_out):
+        return _dense_residual(call, active, g_out)
+
+
+class Dropout(Rule):
+    """Eval (or ``p = 0``) dropout: the identity."""
+
+    elementwise = True
+
+    def samples(self, call, active, kinds, n):
+        p = _arg(call, 1, "p", 0.5)
+        training = _arg(call, 2, "training", True)
+        if (training and p != 0) or _arg(call, 3, "inplace", False):
+            return None
+        return super().samples(call, active, kinds, n)
+
+
+class Shape(Rule):
+    """A shape change, copy or selection that keeps the leading axis where it is.
+
+    ``many``: several active inputs allowed (``cat``, ``stack``).
+    """
+
+    def __init__(self, check: Callable[[Call, Tensor | None], bool], many: bool = False):
+        self.check = check
+        self.many = many
+
+    def samples(self, call, active, kinds, n):
+        if len(active) > 1 and not self.many:
+            return None
+        if call.args and isinstance(call.args[0], Tensor) and call.args[0] in active:
+            if not self.check(call, call.args[0]):
+                return None
+        elif not self.check(call, None):
+            return None
+        outs = list(iter_tensors(call.out))
+        if any(o is a for o in outs for a in active):
+            return None  # in place (``unsqueeze_``): the recorded input is gone
+        if all(k == BATCHED for k in kinds) and all(o.dim() > 0 and o.shape[0] == n for o in outs):
+            return BATCHED
+        return None
+
+
+class Reshape(Shape):
+    """``view``/``reshape``/``flatten``/...: the columns are reshaped back."""
+
+    def fast_vjp(self, call, active, cols):
+        (x,) = active
+        return [cols.reshape(cols.shape[0], *x.shape)]
+
+
+class LinearInput(Shape):
+    """``F.linear``/convolutions reading a constant weight: linear in their input."""
+
+    def fast_vjp(self, call, active, cols):
+        (x,) = active
+        if call.args[0] is not x:
+            return None
+        w = _arg(call, 1, "weight")
+        k = cols.shape[0]
+        if call.func is F.linear:
+            return [cols @ w]
+        spatial = _SPATIAL.get(call.func)
+        if call.func not in (F.conv1d, F.conv2d, F.conv3d) or len(call.args) + len(call.kwargs) > 7:
+            return None
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        bound.update(zip(names, call.args))
+        bound.update(call.kwargs)
+        if isinstance(bound["padding"], str):
+            return None
+        grad_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+                      3: torch.nn.grad.conv3d_input}[spatial]  # fmt: skip
+        out = call.out
+        folded = cols.reshape(k * out.shape[0], *out.shape[1:])
+        size = (k * x.shape[0], *x.shape[1:])
+        res = grad_input(
+            size, w, folded, bound["stride"], bound["padding"], bound["dilation"], bound["groups"]
+        )
+        return [res.reshape(k, *x.shape)]
+
+
+def _inplace(call: Call) -> bool:
+    if call.kwargs.get("inplace") or "out" in call.kwargs:
+        return True
+    return any(call.out is t for t in call.tensor_inputs())
+
+
+def _keeps_lead(call: Call, x: Tensor | None) -> bool:
+    """``view``/``reshape``/``flatten``/``contiguous``/...: leading size kept (row-major)."""
+    out = call.out
+    return x is not None and isinstance(out, Tensor) and out.dim() > 0
+
+
+def _no_dim0(index: int, name: str, default=None):
+    def check(call: Call, x: Tensor | None) -> bool:
+        if x is None:
+            return False
+        dims = _arg(call, index, name, default)
+        dims = _dims(dims, max(x.dim(), 1) + (1 if call.name == "unsqueeze" else 0))
+        return dims is not None and 0 not in dims
+
+    return check
+
+
+def _flatten_ok(call: Call, x: Tensor | None) -> bool:
+    return x is not None and (x.dim() == 0 or _arg(call, 1, "start_dim", 0) % x.dim() != 0)
+
+
+def _permute_ok(call: Call, x: Tensor | None) -> bool:
+    dims = call.args[1:] if len(call.args) > 2 else _arg(call, 1, "dims")
+    if isinstance(dims, int):
+        dims = (dims,)
+    return x is not None and dims is not None and len(dims) > 0 and dims[0] % x.dim() == 0
+
+
+def _transpose_ok(call: Call, x: Tensor | None) -> bool:
+    d0, d1 = _arg(call, 1, "dim0"), _arg(call, 2, "dim1")
+    return x is not None and d0 % x.dim() != 0 and d1 % x.dim() != 0
+
+
+def _getitem_ok(call: Call, x: Tensor | None) -> bool:
+    if x is None:
+        return False
+    index = call.args[1]
+    if not isinstance(index, tuple):
+        index = (index,)
+    tensors = sum(isinstance(i, (Tensor, list)) for i in index)
+    if tensors > 1 or any(isinstance(i, bool) for i in index):
+        return False
+    first = index[0] if index else slice(None)
+    if first is Ellipsis:
+        rest = [i for i in index[1:] if i is not None and i is not Ellipsis]
+        return len(rest) < x.dim() and Ellipsis not in index[1:]
+    return isinstance(first, slice) and first == slice(None)
+
+
+def _cat_ok(call: Call, x: Tensor | None) -> bool:
+    tensors = _arg(call, 0, "tensors")
+    dim = _arg(call, 1, "dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        return False
+    ndim = tensors[0].dim() + (1 if call.name == "stack" else 0)
+    return dim % ndim != 0
+
+
+def _split_ok(call: Call, x: Tensor | None) -> bool:
+    return x is not None and _arg(call, 2, "dim", 0) % x.dim() != 0
+
+
+def _pad_ok(call: Call, x: Tensor | None) -> bool:
+    pad = _arg(call, 1, "pad")
+    mode = _arg(call, 2, "mode", "constant")
+    if x is None or pad is None or mode != "constant":
+        return False
+    return len(pad) // 2 < x.dim()  # the leading axis is not padded
+
+
+def _spatial_ok(call: Call, x: Tensor | None) -> bool:
+    """Pooling: batched input ``(N, C, *spatial)``; no indices returned (one output)."""
+    return x is not None and isinstance(call.out, Tensor) and x.dim() >= 3
+
+
+def _always(call: Call, x: Tensor | None) -> bool:
+    return x is not None
+
+
+_SPATIAL = {
+    F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
+    F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3,
+}  # fmt: skip
+
+
+def _site_input_ok(call: Call, x: Tensor | None) -> bool:
+    """A linear/convolution reading a constant weight: linear in the input (batched)."""
+    w = _arg(call, 1, "weight")
+    if x is None or not isinstance(w, Tensor):
+        return False
+    spatial = _SPATIAL.get(call.func)
+    return x.dim() > 1 if spatial is None else x.dim() == spatial + 2
+
+
+def elementwise_derivatives(
+    call: Call, z: Tensor, piecewise_linear: bool
+) -> tuple[Tensor, Tensor] | None:
+    r""":math:`\sigma'(z)` and :math:`\sigma''(z)` of the recorded elementwise call, or ``None``.
+
+    Reverse over reverse with autograd on a detached copy of ``z`` (grad mode on):
+    the gradient of :math:`\sum\sigma(z)` is :math:`\sigma'(z)` and the gradient
+    of :math:`\sum\sigma'(z)` is :math:`\sigma''(z)`, the derivatives autograd's
+    own double backward gives (nested forward mode under ``no_grad`` lacks rules,
+    e.g. ``silu_backward``).  Piecewise-linear calls get :math:`\sigma'' = 0`.
+    ``None`` when torch has no derivative for the call.
+    """
+    cached = getattr(call, "_derivatives", None)
+    if cached is not None and cached[0] is z:
+        return cached[1]
+    found = _derivatives(call, z, piecewise_linear)
+    call._derivatives = (z, found)  # type: ignore[attr-defined]
+    return found
+
+
+def _derivatives(call: Call, z: Tensor, piecewise_linear: bool):
+    rest, kwargs = call.args[1:], call.kwargs
+    if call.func is F.hardsigmoid:
+        # torch's backward multiplies by 1/6 rounded to float32 (5e-9 off in float64)
+        inside = (z > -3.0) & (z < 3.0)
+        return inside.to(z.dtype) / 6.0, torch.zeros_like(z)
+    try:
+        with torch.enable_grad():
+            t = z.detach().requires_grad_(True)
+            a = call.func(t, *rest, **kwargs)
+            if not a.requires_grad:
+                return None
+            (d1,) = torch.autograd.grad(a, t, torch.ones_like(a), create_graph=not piecewise_linear)
+            if piecewise_linear or not d1.requires_grad:
+                d2 = torch.zeros_like(z)
+            else:
+                (d2,) = torch.autograd.grad(d1, t, torch.ones_like(d1), allow_unused=True)
+                if d2 is None:
+                    d2 = torch.zeros_like(z)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return d1.detach(), d2.detach()
+
+
+#: Per-slice entries above which the dense residual of a call is not formed.
+DENSE_LIMIT = 1024
+
+
+def _dense_residual(call: Call, active: list[Tensor], g_out: Tensor) -> Residual | None:
+    r"""The residual :math:`\sum_j g_j \nabla^2 out_j` from the dense Hessian of each slice.
+
+    Hessian-vector products of :math:`\langle g, f(in)\rangle` with a unit
+    tangent at one entry of every slice at once (the call acts on slices
+    separately, so each slice's block comes out), then a symmetric
+    eigendecomposition per slice: columns :math:`v\sqrt{|\lambda|}`, signs
+    :math:`\operatorname{sign}\lambda` (eigenvalues below :math:`10^{-14}` of
+    the slice's largest dropped).  ``None`` when a slice has more than
+    :data:`DENSE_LIMIT` entries.
+    """
+    from torch.func import grad, vjp, vmap
+
+    from torch_secorder.func._fixes import differentiable
+
+    n = active[0].shape[0]
+    sizes = [a[0].numel() for a in active]
+    total = sum(sizes)
+    if total > DENSE_LIMIT or total == 0:
+        return None
+    fn = _substituted(call, active)
+    outs = call.out
+
+    def phi(*xs: Tensor) -> Tensor:
+        out = differentiable(fn)(*xs)
+        if isinstance(outs, Tensor):
+            return (out * g_out).sum()
+        return sum((o * g).sum() for o, g in zip(out, g_out, strict=True))
+
+    primals = tuple(a.detach() for a in active)
+    gradient = grad(phi, argnums=tuple(range(len(active))))
+
+    def hvp(*vs: Tensor):
+        return vjp(lambda *xs: gradient(*xs), *primals)[1](tuple(vs))
+
+    tangents = []
+    eye = torch.eye(total, dtype=active[0].dtype, device=active[0].device)
+    offset = 0
+    for a, size in zip(active, sizes, strict=True):
+        block = eye[:, offset : offset + size]  # (total, size)
+        tangents.append(block[:, None, :].expand(total, n, size).reshape(total, *a.shape))
+        offset += size
+    with torch.enable_grad():
+        products = vmap(hvp)(*tangents)
+    h = torch.cat([p.reshape(total, n, -1) for p in products], dim=2)  # (total, N, total)
+    return _eig_columns(active, h.permute(1, 0, 2))
+
+
+def _eig_columns(active: list[Tensor], h: Tensor) -> Residual:
+    r"""Signed columns of the per-slice symmetric matrices ``h`` ``(N, D, D)`` (the
+    active inputs' slices concatenated): eigenvectors times :math:`\sqrt{|\lambda|}`."""
+    n, total = h.shape[0], h.shape[1]
+    sizes = [a[0].numel() for a in active]
+    h = 0.5 * (h + h.transpose(1, 2))
+    values, vectors = torch.linalg.eigh(h)  # (N, total), (N, total, total)
+    top = values.abs().amax(1, keepdim=True)
+    keep = values.abs() > 1e-14 * top
+    if not bool(keep.any()):
+        return Residual({})
+    rank = int(keep.sum(1).max())
+    order = values.abs().argsort(1, descending=True)[:, :rank]  # (N, rank)
+    values = values.gather(1, order) * keep.gather(1, order)
+    vectors = vectors.gather(2, order[:, None, :].expand(n, total, rank))
+    cols = (vectors * values.abs().sqrt()[:, None, :]).permute(2, 0, 1)  # (rank, N, total)
+    columns = {}
+    offset = 0
+    for a, size in zip(active, sizes, strict=True):
+        columns[id(a)] = cols[:, :, offset : offset + size].reshape(rank, *a.shape)
+        offset += size
+    return Residual({}, columns, torch.sign(values).T)
+
+
+def _substituted(call: Call, active: list[Tensor]) -> Callable[..., object]:
+    """The recorded call as a function of its active inputs (the rest fixed)."""
+    ids = [id(a) for a in active]
+
+    def swap(obj, xs):
+        if isinstance(obj, Tensor):
+            for i, x in zip(ids, xs, strict=True):
+                if id(obj) == i:
+                    return x
+            return obj
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(swap(o, xs) for o in obj)
+        if isinstance(obj, dict):
+            return {k: swap(v, xs) for k, v in obj.items()}
+        return obj
+
+    def fn(*xs: Tensor):
+        return call.func(*swap(call.args, xs), **swap(call.kwargs, xs))
+
+    return fn
+
+
+substituted = _substituted
+
+
+def _build_table() -> dict[Callable, Rule]:
+    table: dict[Callable, Rule] = {}
+
+    def add(funcs, rule: Rule) -> None:
+        for f in funcs:
+            table[f] = rule
+
+    smooth = [
+        torch.tanh, Tensor.tanh, F.tanh, torch.sigmoid, Tensor.sigmoid, F.sigmoid, F.silu,
+        F.gelu, F.elu, F.celu, torch.celu, F.selu, torch.selu, F.softplus, F.mish, F.hardswish,
+        F.logsigmoid, F.softsign, F.tanhshrink, torch.exp, Tensor.exp, torch.log, Tensor.log,
+        torch.sqrt, Tensor.sqrt, torch.rsqrt, Tensor.rsqrt, torch.sin, Tensor.sin, torch.cos,
+        Tensor.cos, torch.square, Tensor.square, Tensor.pow, torch.pow, Tensor.__pow__,
+        torch.reciprocal, Tensor.reciprocal, torch.log1p, Tensor.log1p, torch.expm1,
+        torch.erf, Tensor.erf,
+    ]  # fmt: skip
+    add(smooth, Activation())
+    piecewise = [
+        F.relu, torch.relu, Tensor.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardsigmoid,
+        F.hardshrink, F.softshrink, F.threshold, torch.abs, Tensor.abs, Tensor.__abs__,
+    ]  # fmt: skip
+    add(piecewise, Activation(piecewise_linear=True))
+    add([torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__], Pointwise("add"))
+    add([torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__rsub__], Pointwise("add"))
+    add([torch.neg, Tensor.neg, Tensor.__neg__], Pointwise("neg"))
+    add([torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__], Pointwise("mul"))
+    add([torch.div, Tensor.div, Tensor.__truediv__], Pointwise("div"))
+    add([torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm], Matmul())
+    add([torch.softmax, Tensor.softmax, F.softmax], Softmax(log=False))
+    add([torch.log_softmax, Tensor.log_softmax, F.log_softmax], Softmax(log=True))
+    add([torch.sum, Tensor.sum, torch.mean, Tensor.mean], Reduce())
+    add([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout], Dropout())
+    add([F.layer_norm], Norm("layer_norm"))
+    add([F.group_norm], Norm("group_norm"))
+    add([F.batch_norm], Norm("batch_norm"))
+    losses = [
+        F.cross_entropy, F.nll_loss, F.mse_loss, F.binary_cross_entropy_with_logits,
+        F.binary_cross_entropy, F.smooth_l1_loss, F.huber_loss, F.kl_div,
+        F.poisson_nll_loss, F.soft_margin_loss,
+    ]  # fmt: skip
+    add(losses, Loss())
+    add([F.l1_loss], Loss(piecewise_linear=True))
+    linear_in_input = [
+        F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+        F.conv_transpose3d,
+    ]  # fmt: skip
+    add(linear_in_input, LinearInput(_site_input_ok))
+    keeps = [
+        Tensor.view, Tensor.reshape, torch.reshape, Tensor.contiguous, Tensor.clone,
+        torch.clone, Tensor.view_as, Tensor.reshape_as,
+    ]  # fmt: skip
+    add(keeps, Reshape(_keeps_lead))
+    add([torch.flatten, Tensor.flatten], Reshape(_flatten_ok))
+    add([Tensor.permute, torch.permute], Shape(_permute_ok))
+    add([Tensor.transpose, torch.transpose], Shape(_transpose_ok))
+    add([Tensor.__getitem__], Shape(_getitem_ok))
+    add([torch.cat, torch.concat, torch.stack], Shape(_cat_ok, many=True))
+    add([torch.split, Tensor.split, torch.chunk, Tensor.chunk], Shape(_split_ok))
+    add([Tensor.unsqueeze, torch.unsqueeze], Shape(_no_dim0(1, "dim")))
+    add([Tensor.squeeze, torch.squeeze], Shape(_no_dim0(1, "dim")))
+    add([F.pad], Shape(_pad_ok))
+    pools = [
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+        torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
+        torch.adaptive_avg_pool1d,
+    ]  # fmt: skip
+    add(pools, Shape(_spatial_ok))
+    return table
+
+
+#: The recorded function -> its rule.
+RULES: dict[Callable, Rule] = _build_table()
+
+
+def rule_for(call: Call) -> Rule | None:
+    """The rule of a recorded call, or ``None``."""
+    try:
+        return RULES.get(call.func)
+    except TypeError:  # an unhashable callable
+        return None
