@@ -85,8 +85,12 @@ def _rng_states(device: torch.device) -> list[Tensor]:
 
 
 @dataclass
-class _GGNProblem:
-    """The pieces shared by the diagonal and the dense matrix."""
+class _GGNView:
+    """The GGN's pieces on an output problem (a view, not a problem of its own).
+
+    Shared by the diagonal and the dense matrix; built by :func:`_ggn_view` from the
+    one model-level problem.
+    """
 
     names: list[str]  # names of the parameters that require grad
     active: list[Tensor]  # those parameters
@@ -108,7 +112,7 @@ class _GGNProblem:
 
 def _ggn_view(
     problem: LossProblem, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Any
-) -> _GGNProblem:
+) -> _GGNView:
     """The GGN's pieces on an output problem of the model (one checking forward pass)."""
     names = [problem.names[i] for i in problem.active]  # type: ignore[index]
     pure = problem.pure
@@ -121,7 +125,7 @@ def _ggn_view(
         probe = pure(problem.primals)
         with targets_fit(loss_fn, probe, targets):  # both shapes named
             check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
-    return _GGNProblem(
+    return _GGNView(
         names=names,
         active=[problem.params[i] for i in problem.active],
         out_fn=out_fn,
@@ -134,7 +138,7 @@ def _ggn_view(
 @contextlib.contextmanager
 def _ggn_problem(
     model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Any, targets: Any
-) -> Iterator[_GGNProblem]:
+) -> Iterator[_GGNView]:
     """Check the arguments, run one forward pass, and keep the user's state while in use.
 
     A view of the one model-level problem,
@@ -148,7 +152,7 @@ def _ggn_problem(
     if not any(p.requires_grad for p in params):
         # Nothing to differentiate: the callers warn or raise.
         check_batch_device(params, inputs=inputs, targets=targets)
-        yield _GGNProblem([], [], lambda values: model(inputs), lambda out: out, 0, False)
+        yield _GGNView([], [], lambda values: model(inputs), lambda out: out, 0, False)
         return
     with module_problem(model, None, inputs, targets) as problem:
         yield _ggn_view(problem, loss_fn, targets)
@@ -201,7 +205,7 @@ def problem_ggn_diagonal(
 
 
 def _diagonal_by_columns(
-    problem: _GGNProblem, create_graph: bool, chunk_size: int | None
+    problem: _GGNView, create_graph: bool, chunk_size: int | None
 ) -> list[Tensor]:
     r""":math:`G_{ii} = J_{:,i}^\top H_{\mathrm{out}} J_{:,i}` over chunks of columns of :math:`J`.
 
