@@ -328,7 +328,7 @@ class LossProblem:
             return [torch.zeros_like(v) if r is None else r for r, v in zip(result, vectors)]
 
         def matmat(flat: Tensor) -> Tensor:
-            if strategy == "graph_batched":
+            if strategy == "graph_batched" and flat.shape[0] > 1:  # one vector: no vmap
                 rows = []
                 step = GRAPH_BATCH if chunk_size is None else chunk_size
                 for start in range(0, flat.shape[0], step):
