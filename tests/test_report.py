@@ -234,6 +234,8 @@ def test_user_model_by_module_path_in_a_subprocess(tmp_path):
             f"{name}:loader",
             "--loss",
             "mse",
+            "--device",
+            "cpu",
             "--out",
             str(out),
             "--seed",
@@ -290,14 +292,18 @@ def test_user_model_by_module_path_in_a_subprocess(tmp_path):
 
 
 def test_user_loss_by_path_and_a_tensor_pair(tmp_path, monkeypatch):
-    """A loss function by path (no declared reduction: one batch needs none)."""
+    """A loss function by path (no declared reduction: one batch needs none); --device and
+    --dtype; without --quiet, the progress bar and a summary."""
     name = _user_module(tmp_path, monkeypatch)
     out = tmp_path / "report"
     code, stdout, stderr = _run_in_process(
         ["report", "--model", f"{name}:model", "--data", f"{name}:tensors", "--loss",
-         f"{name}:half_squared_error", "--out", str(out), *FAST]
+         f"{name}:half_squared_error", "--out", str(out), "--device", "cpu", "--dtype",
+         "float64", *[a for a in FAST if a != "--quiet"]]
     )  # fmt: skip
     assert code == 0, stderr
+    assert "curvature report" in stderr  # the progress bar over the steps
+    assert re.search(r"Hessian trace: \S+ \(exact\)", stdout), stdout
     import importlib
 
     mod = importlib.import_module(name)
