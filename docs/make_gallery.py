@@ -1,8 +1,9 @@
 """Regenerate the gallery: the curvature report of the built-in problem, seed 0.
 
 Runs ``python -m torch_secorder report --seed 0 --out docs/_static/gallery`` (the
-PNGs, ``report.html``, ``report.json``) and writes ``docs/gallery.rst`` from
-``report.json``, so that the page states the numbers the figures show.  Run from
+PNGs, ``report.html``, ``report.json``) and ``docs/examples/sharpness_history.py``
+(``sharpness_history.png``), and writes ``docs/gallery.rst`` from ``report.json``,
+so that the page states the numbers the figures show.  Run from
 the repository root after a change to the report or the plots:
 
 .. code-block:: bash
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -115,6 +117,17 @@ Along two filter-normalised random directions (Li et al. 2018), over all the dat
 
 .. image:: _static/gallery/landscape_2d.png
    :alt: contours of the loss on the plane of two directions
+
+Sharpness during training
+-------------------------
+
+Not part of the report (it needs a training run): the top two eigenvalues of
+another small network every 20 steps of full-batch gradient descent, drawn with
+:func:`~torch_secorder.plot.plot_eigenvalue_history` (the script is in
+:doc:`tutorial_sharpness`).
+
+.. image:: _static/gallery/sharpness_history.png
+   :alt: the top two eigenvalues during training
 """
 
 
@@ -127,6 +140,11 @@ def main() -> int:
         status = report(ARGS[1:])
         if status:
             return status
+        # the sharpness history of the tutorial (docs/examples/sharpness_history.py)
+        script = DOCS / "examples" / "sharpness_history.py"
+        env = dict(os.environ, PYTHONPATH=str(DOCS.parent / "src"))
+        target = OUT / "sharpness_history.png"
+        subprocess.run([sys.executable, str(script), str(target)], check=True, env=env)
     numbers = json.loads((OUT / "report.json").read_text())
     (DOCS / "gallery.rst").write_text(_rst(numbers))
     print(f"wrote {DOCS / 'gallery.rst'}")
