@@ -307,6 +307,20 @@ def compute_report(
         options: What to compute (default :class:`ReportOptions`).
         reduction: ``"mean"``/``"sum"`` for a loss function that declares none.
         progress: Progress bars over the steps and over the library's long loops.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.zeros(2, 1, dtype=torch.float64)
+        >>> options = ReportOptions(top_k=1, bottom_k=1, slq_steps=2, slq_probes=1,
+        ...                         points_1d=3, points_2d=2)
+        >>> report = compute_report(model, torch.nn.MSELoss(), (x, y), options=options,
+        ...                         progress=False)
+        >>> report.trace, report.trace_method  # H = x^T x = diag(1, 4) for this mean loss
+        (5.0, 'exact (sum of the exact diagonal)')
+        >>> [round(float(v), 10) for v in (report.top.eigenvalues[0], report.bottom.eigenvalues[0])]
+        [4.0, 1.0]
     """
     options = options or ReportOptions()
     options.check()

@@ -325,8 +325,27 @@ def _json(report: CurvatureReport, command: str) -> dict[str, Any]:
 def write_report(report: CurvatureReport, out_dir: str | Path, command: str = "") -> Path:
     """Write the PNGs, ``report.html`` and ``report.json`` into ``out_dir``; return the HTML path.
 
+    Args:
+        report: From :func:`~torch_secorder.report.compute.compute_report`.
+        out_dir: Directory (created if missing); files of the same names are replaced.
+        command: The command line to state in the page.
+
     Raises:
         ImportError: matplotlib is missing (the message names ``torch-secorder[plot]``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch_secorder.report.compute import ReportOptions, compute_report
+        >>> model = torch.nn.Linear(2, 1).double()
+        >>> x, y = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> options = ReportOptions(top_k=2, bottom_k=1, slq_steps=3, slq_probes=2,
+        ...                         points_1d=3, points_2d=3)
+        >>> report = compute_report(model, torch.nn.MSELoss(), (x, y), options=options,
+        ...                         progress=False)
+        >>> page = write_report(report, tempfile.mkdtemp())
+        >>> sorted(p.name for p in page.parent.iterdir())  # doctest: +NORMALIZE_WHITESPACE
+        ['eigenvalues.png', 'landscape_1d.png', 'landscape_2d.png', 'parameters.png',
+         'report.html', 'report.json', 'spectral_density.png']
     """
     plot.require_matplotlib()
     out = Path(out_dir)
