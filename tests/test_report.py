@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Small settings: the report of the built-in problem in a few seconds.
 FAST = [
-    "--top-k", "2", "--bottom-k", "1", "--eig-iters", "20", "--slq-steps", "8",
+    "--top-k", "2", "--bottom-k", "1", "--eig-iters", "12", "--slq-steps", "5",
     "--slq-probes", "2", "--points-1d", "5", "--points-2d", "4", "--quiet",
 ]  # fmt: skip
 
@@ -170,7 +170,7 @@ def test_default_report_states_the_numbers_the_library_returns(default_report):
 
     H = HessianOperator(model, loss_fn, data)
     n = H.shape[0]
-    common = dict(max_iter=20, tol=1e-5, dtype=H.dtype, ncv=_basis_size(n, 2, 1))
+    common = dict(max_iter=12, tol=1e-5, dtype=H.dtype, ncv=_basis_size(n, 2, 1))
     for which, prefix, k in (("LA", "top", 2), ("SA", "bottom", 1)):
         res = lanczos_eigsh(
             H.matmat,
