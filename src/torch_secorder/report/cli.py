@@ -81,17 +81,24 @@ def _seed(text: str) -> int:
     return value
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module doc as written, and each option's default (if it has one) after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the report command."""
     d = ReportOptions()
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=_Formatter)
     what = p.add_argument_group("what to analyse")
     what.add_argument(
         "--model",
         metavar="package.module:factory",
-        help="a callable returning the nn.Module (default: the built-in problem)",
+        help="a callable returning the nn.Module (without it: the built-in problem)",
     )
     what.add_argument(
         "--data",
@@ -102,22 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss",
         metavar="NAME",
         help=f"{' or '.join(sorted(LOSSES))} or package.module:name (a function "
-        "loss_fn(outputs, targets) or an nn.Module class); default cross_entropy",
+        "loss_fn(outputs, targets) or an nn.Module class); cross_entropy if not given",
     )
     what.add_argument(
         "--reduction",
         choices=["mean", "sum"],
         help="how a loss function that does not say reduces a batch (needed for a DataLoader)",
     )
-    what.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: where the model is)")
+    what.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (without it: where the model is)")
     what.add_argument(
-        "--dtype", choices=["float32", "float64"], help="cast model and data (default: as given)"
+        "--dtype", choices=["float32", "float64"], help="cast model and data (without it: as given)"
     )
     what.add_argument(
         "--train-steps",
         type=_int_at_least(0),
         default=DEFAULT_TRAIN_STEPS,
-        help=f"Adam steps of the built-in model before the report (default {DEFAULT_TRAIN_STEPS})",
+        help="Adam steps of the built-in model before the report",
     )
     out = p.add_argument_group("output")
     out.add_argument("--out", default="curvature_report", metavar="DIR", help="output directory")
@@ -128,28 +135,48 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument(
         "--bottom-k", type=_int_at_least(0), default=d.bottom_k, help="most negative eigenvalues"
     )
-    how.add_argument("--eig-tol", type=_positive_float, default=d.eig_tol)
+    how.add_argument(
+        "--eig-tol", type=_positive_float, default=d.eig_tol, help="relative residual tolerance"
+    )
     how.add_argument(
         "--eig-iters",
         type=_int_at_least(1),
         default=d.eig_max_iter,
         help="most Hessian-vector products per eigensolver run",
     )
-    how.add_argument("--trace", choices=TRACE_MODES, default=d.trace)
+    how.add_argument(
+        "--trace",
+        choices=TRACE_MODES,
+        default=d.trace,
+        help="exact trace and diagonal, or estimates",
+    )
     how.add_argument(
         "--exact-limit",
         type=_int_at_least(0),
         default=d.exact_limit,
         help="--trace auto: exact up to this many parameters, else estimated",
     )
-    how.add_argument("--slq-steps", type=_int_at_least(1), default=d.slq_steps)
-    how.add_argument("--slq-probes", type=_int_at_least(1), default=d.slq_probes)
-    how.add_argument("--directions", choices=DIRECTIONS, default=d.directions)
+    how.add_argument(
+        "--slq-steps", type=_int_at_least(1), default=d.slq_steps, help="Lanczos steps per probe"
+    )
+    how.add_argument(
+        "--slq-probes", type=_int_at_least(1), default=d.slq_probes, help="spectral density probes"
+    )
+    how.add_argument(
+        "--directions",
+        choices=DIRECTIONS,
+        default=d.directions,
+        help="landscape directions: filter-normalised random ones, or the top eigenvectors",
+    )
     how.add_argument(
         "--span", type=_positive_float, default=d.span, help="landscape range [-span, span]"
     )
-    how.add_argument("--points-1d", type=_int_at_least(2), default=d.points_1d)
-    how.add_argument("--points-2d", type=_int_at_least(2), default=d.points_2d)
+    how.add_argument(
+        "--points-1d", type=_int_at_least(2), default=d.points_1d, help="points of a 1D landscape"
+    )
+    how.add_argument(
+        "--points-2d", type=_int_at_least(2), default=d.points_2d, help="points per axis in 2D"
+    )
     return p
 
 
