@@ -28,7 +28,7 @@ import pytest
 import torch
 from conftest import assert_close, dense_hessian, seeded_tanh_mlp_problem
 
-from torch_secorder import model_hessian_trace
+from torch_secorder import compute_loss_surface_1d, create_random_direction, model_hessian_trace
 from torch_secorder.__main__ import main
 from torch_secorder.linalg import hutchinson_adaptive, hutchinson_diagonal, lanczos_eigsh
 from torch_secorder.operators import HessianOperator
@@ -486,3 +486,27 @@ def test_landscapes_along_the_top_eigenvectors_curve_as_their_eigenvalues():
     assert report.loss == pytest.approx(loss, rel=1e-12)
     a, b, surface = report.landscape_2d
     assert_close(surface[1, 1], torch.tensor(report.loss, dtype=torch.float64))
+
+
+def test_frozen_parameters_stay_out_of_the_hessian_and_the_landscapes():
+    model, loss_fn, data, _ = _small_problem()
+    model[0].weight.requires_grad_(False)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in model.parameters()]
+    options = ReportOptions(**SMALL)
+    report = compute_report(model, loss_fn, data, seed=5, options=options, progress=False)
+    assert report.names == names and report.num_params == 4 * 1 + 2 * 4 + 2
+    # the Hessian over the trainable parameters: the trace of the dense block
+    dense = _small_problem()[3]
+    keep = torch.ones(dense.shape[0], dtype=torch.bool)
+    keep[: 4 * 3] = False  # 0.weight comes first in named_parameters()
+    assert report.trace == pytest.approx(float(dense[keep][:, keep].trace()), rel=1e-10)
+    # the random directions: filter-normalised, zero on the frozen weight
+    gen = step_generator(5, "directions", torch.device("cpu"))
+    d1 = create_random_direction(model, normalization="filter", generator=gen)
+    d1[0] = torch.zeros_like(d1[0])
+    alphas, losses = compute_loss_surface_1d(model, loss_fn, *data, d1, (-1.0, 1.0), 3)
+    assert_close(next(iter(report.landscape_1d.values()))[1], losses)
+    assert not model[0].weight.requires_grad
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)

@@ -274,6 +274,18 @@ def _basis_size(n: int, *ks: int) -> int | None:
     return min(n, ncv)
 
 
+def _random_direction(
+    H: HessianOperator, model: nn.Module, generator: torch.Generator
+) -> list[Tensor]:
+    """A filter-normalised random direction, zero on the parameters the Hessian is not over."""
+    direction = create_random_direction(model, normalization="filter", generator=generator)
+    names = set(H.names)
+    return [
+        d if name in names else torch.zeros_like(d)
+        for (name, _), d in zip(model.named_parameters(), direction)
+    ]
+
+
 def _eigen_direction(H: HessianOperator, row: Tensor, model: nn.Module) -> list[Tensor]:
     """An eigenvector as a direction over ``model.parameters()``, scaled to the norm of
     the parameters (so that a coefficient 1 is a step as long as the parameter vector)."""
@@ -412,11 +424,11 @@ def compute_report(
                 d2 = _eigen_direction(H, top.eigenvectors[1], model)
                 labels = ("top eigenvector", "second eigenvector")
             else:
-                d2 = create_random_direction(model, normalization="filter", generator=gen)
+                d2 = _random_direction(H, model, gen)
                 labels = ("top eigenvector", "random, filter-normalised")
         else:
-            d1 = create_random_direction(model, normalization="filter", generator=gen)
-            d2 = create_random_direction(model, normalization="filter", generator=gen)
+            d1 = _random_direction(H, model, gen)
+            d2 = _random_direction(H, model, gen)
             labels = ("random 1, filter-normalised", "random 2, filter-normalised")
         span = (-float(options.span), float(options.span))
         with steps.step("1D landscapes"):
