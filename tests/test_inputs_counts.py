@@ -131,6 +131,11 @@ def _chunk_calls():
         "analysis.eigensolvers.estimate_eigenvalues": lambda c: analysis.estimate_eigenvalues(
             model, F.mse_loss, [(x, y)], chunk_size=c, tol=1e-3
         ),
+        "analysis.spectral_density.model_spectral_density": (
+            lambda c: analysis.model_spectral_density(
+                model, F.mse_loss, x, y, 3, 4, generator=gen, chunk_size=c, progress=False
+            )
+        ),
         "analysis.landscape.compute_loss_surface_1d": lambda c: analysis.compute_loss_surface_1d(
             model, nn.MSELoss(), x, y, direction, num_points=3, chunk_size=c
         ),
