@@ -122,6 +122,10 @@ def operator_checks(group: Any, world: int, rank: int, out: dict[str, Any]) -> N
         if name == "hessian":
             out[f"{prefix}/hessian/block"] = A.block(["2.weight"]).matmat(V[:, -18:-3])
             estimators(A, out, f"{prefix}/hessian")
+    # Monte Carlo Fisher: draws seeded by the batch's index in the union of the shards.
+    mc = FisherOperator(model, loss_fn, batches, num_samples=2, generator=gen(12), group=group)
+    out[f"{prefix}/mc_fisher/matmat"] = mc.matmat(vectors(mc.shape[0]))
+    out[f"{prefix}/mc_fisher/diagonal"] = mc.diagonal()
     # The documented functions, data= this rank's shard.
     out[f"{prefix}/doc/trace"] = model_hessian_trace(
         model, loss_fn, data=batches, group=group, progress=False

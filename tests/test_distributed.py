@@ -166,6 +166,22 @@ def test_products_diagonal_trace_equal_the_union(ranks, dense, world: int, name:
 
 
 @pytest.mark.parametrize("world", GROUPS)
+def test_monte_carlo_fisher_equals_one_process_over_the_same_batches(ranks, world: int) -> None:
+    """Draws seeded by the index of a batch in the union: the one-process MC Fisher."""
+    model, loss_fn, X, y = worker.make_problem(worker.KINDS[world])
+    batches = [b for rank in range(world) for b in worker.shard(X, y, world, rank)]
+    mc = worker.OPERATORS["fisher"](
+        model, loss_fn, batches, num_samples=2, generator=worker.gen(12)
+    )
+    V = worker.vectors(mc.shape[0])
+    dense = mc @ torch.eye(mc.shape[0], dtype=torch.float64)
+    assert_close(mc.matmat(V), V @ dense)
+    for rank in _members(world):
+        assert_close(ranks[rank][f"w{world}/mc_fisher/matmat"], V @ dense)
+        assert_close(ranks[rank][f"w{world}/mc_fisher/diagonal"], torch.diagonal(dense))
+
+
+@pytest.mark.parametrize("world", GROUPS)
 def test_estimators_equal_the_single_process_run(ranks, world: int) -> None:
     """Hutchinson, Hutch++, Lanczos and SLQ on the shards = on the union (same probes)."""
     A = _single_process(world, "hessian")

@@ -265,8 +265,13 @@ def shared_generator(
 
 def shard_counts(
     group: Any, error: BaseException | None, batches: Any, dim: int, like: Tensor
-) -> tuple[int, int]:
-    """Samples and batches of the union of the ranks' shards (one all-gather).
+) -> tuple[int, int, int]:
+    """Samples and batches of the union of the ranks' shards, and this rank's batch offset.
+
+    One all-gather.  The offset is the number of batches of the lower ranks: this
+    rank's batch ``b`` is batch ``offset + b`` of the union (the Monte Carlo Fisher
+    seeds its draws by it, so the ranks' draws are those of one process over the
+    union's batches in rank order).
 
     Every rank raises if one rank could not read its shard (``error``), or if the
     ranks' operators differ in size (``dim``, different models or ``params``).
@@ -283,4 +288,5 @@ def shard_counts(
             f"0 to {len(dims) - 1}; every rank must pass the same model and params",
             rank=differ[0],
         )
-    return int(table[:, 0].sum()), int(table[:, 1].sum())
+    rank = _rank_and_size(group)[0]
+    return int(table[:, 0].sum()), int(table[:, 1].sum()), int(table[:rank, 1].sum())

@@ -202,8 +202,10 @@ class CurvatureOperator:
                 raise
             error = exc
         #: Samples and batches of the whole data set (of every rank, with a group).
-        self.total_samples, self.total_batches = (
-            (self.batches.num_samples, self.batches.num_batches)
+        #: With a group, ``batch_offset`` numbers this rank's batches after those of the
+        #: lower ranks (the index a batch has in the union of the shards).
+        self.total_samples, self.total_batches, self.batch_offset = (
+            (self.batches.num_samples, self.batches.num_batches, 0)
             if self.group is None
             else shard_counts(
                 self.group, error, getattr(self, "batches", None), self.shape[0], like
@@ -295,8 +297,8 @@ class CurvatureOperator:
                     bar = None
             try:
                 for index, inputs, targets, size in self.batches.sized():
-                    try:
-                        value = per_batch(index, inputs, targets)
+                    try:  # the index in the union of the shards (a seed per batch)
+                        value = per_batch(self.batch_offset + index, inputs, targets)
                     except (ValueError, TypeError, RuntimeError) as exc:
                         raise _with_batch_index(exc, index) from None
                     if self.reduction == "mean" and self.total_batches > 1:
