@@ -9,13 +9,16 @@ One process, the same model, loader and vectors for everyone (synthetic data, a
     curvlinops' ``HessianLinearOperator @ v`` and PyHessian's
     ``dataloader_hv_product``.  Interleaved rounds (shuffled order), medians.
 ``trace``
-    Time to a trace estimate within 1% relative error of the exact trace.  Each
-    stochastic method (curvlinops' Hutchinson, Hutch++, XTrace; PyHessian's
-    Hutchinson; ours: XTrace) runs with ``m = 4, 8, 16, ...`` products (seeded) until
-    its estimate is within 1%; its figure is the time of that successful run (the
-    smaller runs before it are not counted) and ``m``.  Our exact trace (the fast
-    exact diagonal, batch by batch) is timed too: our entry is the faster of the
-    exact trace and our estimate.
+    Time to a trace estimate within 1% relative error of the exact trace.  Our exact
+    trace (the fast exact diagonal, batch by batch) is computed once, timed with its
+    first-call costs.  Each stochastic method (ours: XTrace; curvlinops' Hutchinson,
+    Hutch++, XTrace; PyHessian's Hutchinson) runs with ``m = 4, 8, 16, ...``
+    products (Hutch++: 3, 6, 12, ...; seeded) until its estimate is within 1%; its
+    figure is the time of that successful run (the smaller runs before it are not
+    counted) and ``m``.  Our estimate stops once a run costs more CPU time than the
+    exact trace; our entry is the faster of the two.  A peer stops once a run costs
+    ``--give-up`` (5) times our entry's CPU time without being within 1%: its figure
+    is then a lower bound ("not yet at m=...").
 ``eigen``
     Top eigenvalue (``which="LA"``) to ``tol=1e-8``: our thick-restart Lanczos
     (:func:`~torch_secorder.linalg.lanczos_eigsh` on ``H.matmat``) against scipy's
@@ -148,21 +151,22 @@ def section_hvp(name: str, args) -> None:
 
 
 def first_within(
-    run: Callable[[int], float], exact: float, rtol: float, cap: int
-) -> tuple[int | None, float, float, float]:
-    """Smallest ``m`` in 4, 8, ... (up to ``cap``) whose estimate is within ``rtol``.
+    run: Callable[[int], float], exact: float, rtol: float, cap: int, budget: float, m: int = 4
+) -> tuple[int, bool, float, float, float]:
+    """Smallest ``m`` in ``m``, ``2m``, ... (up to ``cap``) whose estimate is within ``rtol``.
 
-    Returns ``(m or None, wall s, cpu s, relative error)`` of that run (of the last
-    run if none was within).
+    Returns ``(m, within, wall s, cpu s, relative error)`` of that run, or of the
+    last run (``within`` false) when none was within: after ``cap`` products, or once
+    a run took more than ``budget`` CPU seconds (a method already that much slower
+    than ours is not run longer; its figure is then a lower bound).
     """
-    m = 4
     while True:
         wall, cpu, estimate = measure(lambda m=m: run(m))
         error = abs(estimate - exact) / abs(exact)
         if error <= rtol:
-            return m, wall, cpu, error
-        if 2 * m > cap:
-            return None, wall, cpu, error
+            return m, True, wall, cpu, error
+        if 2 * m > cap or cpu > budget:
+            return m, False, wall, cpu, error
         m *= 2
 
 
@@ -170,36 +174,61 @@ def section_trace(name: str, args) -> None:
     model, loss_fn, loader = build(name, args.batch, torch.float32)
     H = HessianOperator(model, loss_fn, loader)
     n = H.shape[0]
-    wall, cpu, exact_t = measure(H.trace)  # warm-up of the routes
-    times = [measure(H.trace)[:2] for _ in range(max(1, args.repeats // 2))]
+    # One exact pass, timed with its first-call costs (the routes' detection): the
+    # exact trace can cost minutes where the diagonal routes are slow (convolutions).
+    wall_exact, cpu_exact, exact_t = measure(H.trace)
     exact = float(exact_t)
-    wall_exact = statistics.median(t[0] for t in times)
-    cpu_exact = statistics.median(t[1] for t in times)
     print(f"{name} n={n:,}: exact trace {exact:.6g}", flush=True)
-    rows: list[tuple[str, int | None, float, float, float]] = []
-    rows.append(("ours exact (fast diagonal)", None, wall_exact, cpu_exact, 0.0))
+    rows: list[tuple[str, int, bool, float, float, float]] = []
+
+    ours = ("ours exact (fast diagonal)", n, True, wall_exact, cpu_exact, 0.0)
+
+    def show(row: tuple[str, int, bool, float, float, float]) -> None:
+        label, m, within, wall, cpu, error = row
+        if label.startswith("ours exact"):
+            count = "exact"
+        elif within:
+            count = f"within 1% at m={m}"
+        else:
+            count = f"not yet at m={m} (stopped)"
+        print(
+            f"  {label:<27} {count:<24} {fmt(wall)} (cpu {fmt(cpu)})  rel err {error:.1e}"
+            f"  x{wall / ours[3]:.2f} (cpu x{cpu / ours[4]:.2f}) of our entry",
+            flush=True,
+        )
+
+    rows.append(ours)
+    show(rows[-1])
 
     def ours_xtrace(m: int) -> float:
         gen = torch.Generator().manual_seed(args.seed)
         return float(xtrace(H.matmat, n, m, generator=gen, dtype=H.dtype, progress=False).estimate)
 
-    rows.append(("ours XTrace", *first_within(ours_xtrace, exact, 0.01, args.max_matvecs)))
+    # Our estimate runs until it is within 1% or a run costs more than the exact trace.
+    rows.append(
+        ("ours XTrace", *first_within(ours_xtrace, exact, 0.01, args.max_matvecs, cpu_exact))
+    )
+    show(rows[-1])
+    ours = min((r for r in rows if r[2]), key=lambda r: r[4])
+    print(f"  our entry: {ours[0]}, {fmt(ours[3])} (cpu {fmt(ours[4])})", flush=True)
+    budget = args.give_up * ours[4]
     if load_curvlinops():
         from curvlinops import hutchinson_trace, hutchpp_trace
         from curvlinops import xtrace as cl_xtrace
 
         C = curvlinops_operator(model, loss_fn, loader)
-        for label, method in (
-            ("curvlinops Hutchinson", hutchinson_trace),
-            ("curvlinops Hutch++", hutchpp_trace),
-            ("curvlinops XTrace", cl_xtrace),
+        for label, method, start in (
+            ("curvlinops Hutchinson", hutchinson_trace, 4),
+            ("curvlinops Hutch++", hutchpp_trace, 3),  # multiples of 3
+            ("curvlinops XTrace", cl_xtrace, 4),
         ):
 
             def run(m: int, method=method) -> float:
                 torch.manual_seed(args.seed)
                 return float(method(C, m))
 
-            rows.append((label, *first_within(run, exact, 0.01, args.max_matvecs)))
+            rows.append((label, *first_within(run, exact, 0.01, args.max_matvecs, budget, start)))
+            show(rows[-1])
     if load_pyhessian():
         P = pyhessian_of(model, loss_fn, loader)
 
@@ -208,24 +237,9 @@ def section_trace(name: str, args) -> None:
             return float(np.mean(P.trace(maxIter=m, tol=float("-inf"))))
 
         rows.append(
-            ("PyHessian trace", *first_within(run_pyhessian, exact, 0.01, args.max_matvecs))
+            ("PyHessian trace", *first_within(run_pyhessian, exact, 0.01, args.max_matvecs, budget))
         )
-    ours_label, _, ours_wall, ours_cpu, _ = min(
-        (r for r in rows[:2] if r[0].startswith("ours exact") or r[1] is not None),
-        key=lambda r: r[2],
-    )
-    print(f"  our entry: {ours_label}")
-    for label, m, wall, cpu, error in rows:
-        count = (
-            "exact"
-            if label.startswith("ours exact")
-            else (f"m={m}" if m is not None else f"not within 1% at m={args.max_matvecs}")
-        )
-        print(
-            f"  {label:<28} {count:<26} {fmt(wall)} (cpu {fmt(cpu)})  rel err {error:.1e}"
-            f"  x{wall / ours_wall:.2f} (cpu x{cpu / ours_cpu:.2f})",
-            flush=True,
-        )
+        show(rows[-1])
 
 
 # ----------------------------------------------------------------------------- eigen
@@ -290,6 +304,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-matvecs", type=int, default=512)
     parser.add_argument("--tol", type=float, default=1e-8)
+    parser.add_argument(
+        "--give-up",
+        type=float,
+        default=5.0,
+        help="trace: stop a peer's doubling once one run took this many times our entry's "
+        "CPU time (its figure is then a lower bound)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if warning := busy_warning():
