@@ -265,6 +265,12 @@ def agreement(a: list[Tensor], b: list[Tensor]) -> str:
 # ---------------------------------------------------------------------------------- cases
 
 
+def progress(row: dict[str, Any]) -> None:
+    """One line per finished case on stderr (the tables come at the end, on stdout)."""
+    cells = [f"{k}={v * 1e3:.3g}ms" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()]
+    print("  done:", ", ".join(cells), file=sys.stderr, flush=True)
+
+
 def case_peer(
     label: str, built: ds.Built, ours: Callable[[], list[Tensor]], extension: str, reps: int
 ) -> tuple[dict[str, Any], str]:
@@ -274,15 +280,18 @@ def case_peer(
     if run is None:
         row["ours"] = timed({"ours": ours}, reps)["ours"]
         row[extension] = why
+        progress(row)
         return row, f"{label}: n = {n:,}"
     t = timed({"ours": ours, extension: run}, reps)
     row.update(t)
+    progress(row)
     return row, f"{label}: n = {n:,}, max |ours - {extension}| = {agreement(ours(), run())}"
 
 
 def case_sweep(label: str, built: ds.Built, reps: int) -> tuple[dict[str, Any], str]:
     ours, slow = ours_model_hessian(built), sweep(built)
     t = timed({"ours": ours, "sweep": slow}, reps)
+    progress({"case": label, **t})
     n = sum(p.numel() for p in built.model.parameters())
     note = f"{label}: n = {n:,}, max |ours - sweep| = {agreement(ours(), slow())}"
     return {"case": label, **t}, note
@@ -290,6 +299,7 @@ def case_sweep(label: str, built: ds.Built, reps: int) -> tuple[dict[str, Any], 
 
 def case_settings(reps: int) -> tuple[list[dict[str, Any]], list[str]]:
     rows, notes, ratios = [], [], {e: [] for e in _ATTR}
+    worst = (0.0, "")
     for setting in ds.BACKPACK_SETTINGS:
         for extension in setting.backpack:
             built = setting.build()
@@ -303,6 +313,8 @@ def case_settings(reps: int) -> tuple[list[dict[str, Any]], list[str]]:
             rows.append(row)
             if isinstance(row.get(extension), float):
                 ratios[extension].append(row[extension] / row["ours"])
+                diff = float(note.rsplit("= ", 1)[1].split()[0])
+                worst = max(worst, (diff, label))
                 if "!" in note:
                     notes.append(note)
             else:
@@ -313,6 +325,7 @@ def case_settings(reps: int) -> tuple[list[dict[str, Any]], list[str]]:
                 f"settings, {extension}: median {extension} / ours = {statistics.median(r):.3f} "
                 f"over {len(r)} settings (min {min(r):.3f}, max {max(r):.3f}; above 1: ours faster)"
             )
+    notes.append(f"settings: largest max |ours - BackPACK| = {worst[0]:.1e} ({worst[1]})")
     everything = [x for r in ratios.values() for x in r]
     if everything:
         notes.append(f"settings, all: median BackPACK / ours = {statistics.median(everything):.3f}")
