@@ -53,14 +53,14 @@ def test_ggn_diagonal(setting: Setting) -> None:
     check_ggn(setting)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(setting=conv_settings())
 def test_drawn_convolutions(setting: Setting) -> None:
     check_hessian(setting)
     check_ggn(setting)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(setting=pool_settings())
 def test_drawn_poolings(setting: Setting) -> None:
     check_hessian(setting)
