@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import torch_secorder.func.diagonal as func_diagonal
 import torch_secorder.func.fast_diagonal as fast_diagonal
-from torch_secorder.operators import GGNOperator, HessianOperator
+from torch_secorder.operators import FisherOperator, GGNOperator, HessianOperator
 
 DTYPE = torch.float64
 
@@ -265,3 +265,5 @@ def test_errors():
         H @ torch.zeros(H.shape[0], dtype=DTYPE)
     with pytest.raises(TypeError, match="loss must be callable"):
         GGNOperator.from_function(output, None, params, batches, reduction="mean")
+    with pytest.raises(TypeError, match="FisherOperator.from_function is not available"):
+        FisherOperator.from_function(output, make_loss("ce", "mean"), params, batches)

@@ -389,6 +389,19 @@ class FisherOperator(GGNOperator):
 
     label = "Fisher"
 
+    @classmethod
+    def from_function(cls, *args: Any, **kwargs: Any) -> FisherOperator:
+        """Not available: the Fisher needs the likelihood a loss module names.
+
+        For a pure function, :meth:`GGNOperator.from_function` with the
+        cross-entropy or MSE as ``loss`` is the exact type-2 Fisher (it equals the GGN).
+        """
+        raise TypeError(
+            "FisherOperator.from_function is not available: for a pure f use "
+            "GGNOperator.from_function with a cross-entropy or MSE loss, which is the exact "
+            "type-2 Fisher of that likelihood"
+        )
+
     def __init__(
         self,
         *args: Any,
