@@ -412,10 +412,62 @@ class Matmul(Rule):
         return _both_active(call, active)
 
     def residual_ok(self, call, active):
-        return _dense_ok(active)
+        return self._paired(call, active) or _dense_ok(active)
+
+    def fast_vjp(self, call, active, cols):
+        a, b = call.args
+        ids = {id(t) for t in active}
+        res = []
+        for t in active:
+            if t is a and id(b) not in ids or t is a and a is not b:
+                res.append(cols @ b.transpose(-1, -2))
+            elif t is b and a is not b:
+                res.append(a.transpose(-1, -2) @ cols)
+            else:
+                return None
+        if any(r.shape[1:] != t.shape for r, t in zip(res, active)):
+            return None  # a broadcast operand: its gradient sums over the broadcast
+        return res
+
+    @staticmethod
+    def _paired(call, active) -> bool:
+        a, b = call.args
+        return (
+            len(active) == 2
+            and a.dim() == b.dim() >= 3
+            and a.shape[:-2] == b.shape[:-2]
+            and a is not b
+        )
 
     def residual(self, call, active, g_out):
-        return _dense_residual(call, active, g_out)
+        r"""For ``A @ B`` (both active, same batch shape) in closed form.
+
+        The residual is the bilinear form :math:`2\langle G, \delta A\, \delta B\rangle`.
+        With the SVD :math:`G = \sum_r s_r a_r b_r^\top` of each matrix of the
+        batch, it is :math:`\sum_{r,j} \tfrac{s_r}{2}[(u+v)(u+v)^\top - (u-v)(u-v)^\top]`
+        with :math:`u = a_r \otimes e_j` on ``A`` and :math:`v = e_j \otimes b_r`
+        on ``B``: ``2 * rank * inner`` signed columns per matrix.
+        """
+        if not self._paired(call, active):
+            return _dense_residual(call, active, g_out)
+        a, b = call.args
+        n = a.shape[0]
+        lead = a.shape[1:-2]
+        p = math.prod(lead)
+        m, inner, width = a.shape[-2], a.shape[-1], b.shape[-1]
+        u, sv, vh = torch.linalg.svd(g_out.reshape(n, p, m, width), full_matrices=False)
+        rank = sv.shape[-1]
+        scale = (sv / 2).sqrt()  # (N, P, R)
+        eye_p = torch.eye(p, dtype=a.dtype, device=a.device)
+        eye_j = torch.eye(inner, dtype=a.dtype, device=a.device)
+        ca = torch.einsum("pq,npir,jk,npr->prjnqik", eye_p, u, eye_j, scale)
+        cb = torch.einsum("pq,nprl,jk,npr->prjnqkl", eye_p, vh, eye_j, scale)
+        k = p * rank * inner
+        ca = ca.reshape(k, *a.shape)
+        cb = cb.reshape(k, *b.shape)
+        ones = torch.ones(k, n, dtype=a.dtype, device=a.device)
+        columns = {id(a): torch.cat([ca, ca]), id(b): torch.cat([cb, -cb])}
+        return Residual({}, columns, torch.cat([ones, -ones]))
 
 
 class Norm(Rule):
@@ -433,7 +485,7 @@ class Norm(Rule):
             training = _arg(call, 5, "training", False)
             if training or _arg(call, 1, "running_mean") is None:
                 return None
-        if self.kind == "layer_norm":
+        if self.kind in ("layer_norm", "rms_norm"):
             shape = _arg(call, 1, "normalized_shape")
             if shape is None or len(tuple(shape)) >= active[0].dim():
                 return None
@@ -532,6 +584,60 @@ class LinearInput(Shape):
         return [res.reshape(k, *x.shape)]
 
 
+def _axis(kind: str | None) -> int | None:
+    """Where the leading (sample) axis sits: ``"batched"`` 0, ``"axis<j>"`` j."""
+    if kind == BATCHED:
+        return 0
+    if kind is not None and kind.startswith("axis"):
+        return int(kind[4:])
+    return None
+
+
+def _kind_at(axis: int, outs: list[Tensor], n: int) -> str | None:
+    if not outs or any(o.dim() <= axis or o.shape[axis] != n for o in outs):
+        return None
+    return BATCHED if axis == 0 else f"axis{axis}"
+
+
+class Moves(Rule):
+    """``permute``/``transpose``/``unbind``/integer indexing: the sample axis may move.
+
+    A tensor whose sample axis is not the leading one (``q, k, v`` packed in front,
+    as in ``qkv.view(b, s, 3, h, d).permute(2, 0, 3, 1, 4)``) only passes through
+    these calls until the axis is in front again.
+    """
+
+    def samples(self, call, active, kinds, n):
+        if len(active) != 1 or not call.args or call.args[0] is not active[0]:
+            return None
+        x, axis = active[0], _axis(kinds[0])
+        if axis is None or _inplace(call):
+            return None
+        outs = list(iter_tensors(call.out))
+        name, ndim = call.name, x.dim()
+        if name == "permute":
+            dims = call.args[1:] if len(call.args) > 2 else _arg(call, 1, "dims")
+            dims = [d % ndim for d in ((dims,) if isinstance(dims, int) else dims)]
+            return _kind_at(dims.index(axis), outs, n) if axis in dims else None
+        if name == "transpose":
+            d0, d1 = _arg(call, 1, "dim0") % ndim, _arg(call, 2, "dim1") % ndim
+            return _kind_at({d0: d1, d1: d0}.get(axis, axis), outs, n)
+        if name == "unbind":
+            dim = _arg(call, 1, "dim", 0) % ndim
+            return None if dim == axis else _kind_at(axis - (dim < axis), outs, n)
+        index = call.args[1]
+        if (
+            axis > 0
+            and isinstance(index, int)
+            or isinstance(index, tuple)
+            and (len(index) == 1 and isinstance(index[0], int))
+        ):
+            return _kind_at(axis - 1, outs, n) if axis > 0 else None
+        if axis == 0 and _getitem_ok(call, x):
+            return _kind_at(0, outs, n)
+        return None
+
+
 def _inplace(call: Call) -> bool:
     if call.kwargs.get("inplace") or "out" in call.kwargs:
         return True
@@ -557,18 +663,6 @@ def _no_dim0(index: int, name: str, default=None):
 
 def _flatten_ok(call: Call, x: Tensor | None) -> bool:
     return x is not None and (x.dim() == 0 or _arg(call, 1, "start_dim", 0) % x.dim() != 0)
-
-
-def _permute_ok(call: Call, x: Tensor | None) -> bool:
-    dims = call.args[1:] if len(call.args) > 2 else _arg(call, 1, "dims")
-    if isinstance(dims, int):
-        dims = (dims,)
-    return x is not None and dims is not None and len(dims) > 0 and dims[0] % x.dim() == 0
-
-
-def _transpose_ok(call: Call, x: Tensor | None) -> bool:
-    d0, d1 = _arg(call, 1, "dim0"), _arg(call, 2, "dim1")
-    return x is not None and d0 % x.dim() != 0 and d1 % x.dim() != 0
 
 
 def _getitem_ok(call: Call, x: Tensor | None) -> bool:
@@ -810,6 +904,7 @@ def _build_table() -> dict[Callable, Rule]:
     add([torch.sum, Tensor.sum, torch.mean, Tensor.mean], Reduce())
     add([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout], Dropout())
     add([F.layer_norm], Norm("layer_norm"))
+    add([F.rms_norm], Norm("rms_norm"))
     add([F.group_norm], Norm("group_norm"))
     add([F.batch_norm], Norm("batch_norm"))
     losses = [
@@ -830,9 +925,8 @@ def _build_table() -> dict[Callable, Rule]:
     ]  # fmt: skip
     add(keeps, Reshape(_keeps_lead))
     add([torch.flatten, Tensor.flatten], Reshape(_flatten_ok))
-    add([Tensor.permute, torch.permute], Shape(_permute_ok))
-    add([Tensor.transpose, torch.transpose], Shape(_transpose_ok))
-    add([Tensor.__getitem__], Shape(_getitem_ok))
+    add([Tensor.permute, torch.permute, Tensor.transpose, torch.transpose], Moves())
+    add([Tensor.__getitem__, Tensor.unbind, torch.unbind], Moves())
     add([torch.cat, torch.concat, torch.stack], Shape(_cat_ok, many=True))
     add([torch.split, Tensor.split, torch.chunk, Tensor.chunk], Shape(_split_ok))
     add([Tensor.unsqueeze, torch.unsqueeze], Shape(_no_dim0(1, "dim")))
@@ -846,6 +940,7 @@ def _build_table() -> dict[Callable, Rule]:
         torch.adaptive_avg_pool1d,
     ]  # fmt: skip
     add(pools, Shape(_spatial_ok))
+    add([F.interpolate, F.upsample], Shape(_spatial_ok))  # linear in the input, any mode
     return table
 
 

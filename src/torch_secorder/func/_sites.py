@@ -2,7 +2,8 @@ r"""Operator calls that are affine in a parameter: where the fast diagonal appli
 
 A *site* is one call ``z = op(x, weight, bias, ...)`` of a recognised operator
 (``F.linear``, ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``, ``F.embedding``,
-and the affine part of ``F.layer_norm``, ``F.group_norm``, ``F.batch_norm``).  The output ``z`` is
+and the affine part of ``F.layer_norm``, ``F.rms_norm``, ``F.group_norm``,
+``F.batch_norm``).  The output ``z`` is
 affine in ``weight`` and in ``bias``: with :math:`u_k = \partial z/\partial\theta_k`
 (independent of :math:`\theta`),
 
@@ -57,6 +58,7 @@ _SIGNATURES: dict = {
         "sparse",
     ),
     F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    F.rms_norm: ("input", "normalized_shape", "weight", "eps"),
     F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
     F.batch_norm: (
         "input",
@@ -111,6 +113,8 @@ def _bind(call: Call) -> dict | None:
     if len(call.args) > len(names) or any(k not in names for k in call.kwargs):
         return None
     bound = {n: _DEFAULTS.get(n) for n in names}
+    if call.func is F.rms_norm:
+        bound["eps"] = None  # its default: the dtype's machine epsilon
     bound.update(zip(names, call.args, strict=False))
     bound.update(call.kwargs)
     return bound
@@ -188,6 +192,8 @@ class Site:
             with torch.no_grad():
                 if self.kind == "layer_norm":
                     xh = F.layer_norm(x, b["normalized_shape"], None, None, b["eps"])
+                elif self.kind == "rms_norm":
+                    xh = F.rms_norm(x, b["normalized_shape"], None, b["eps"])
                 elif self.kind == "group_norm":
                     xh = F.group_norm(x, b["num_groups"], None, None, b["eps"])
                 else:
@@ -239,7 +245,7 @@ class Site:
                 out["weight"] = vjp(of_table, w)[1](hz)[0]
             else:  # affine part of a normalisation
                 xh = self._xhat()
-                if self.kind == "layer_norm":
+                if self.kind in ("layer_norm", "rms_norm"):
                     lead = list(range(hz.dim() - len(self.unit_axes)))
                     if "weight" in self.roles:
                         out["weight"] = (hz * xh * xh).sum(lead) if lead else hz * xh * xh
@@ -297,7 +303,9 @@ def make_site(call: Call, leaf_ids: dict[int, int], once: set[int]) -> Site | No
     if not roles:
         return None
     for name, value in bound.items():  # a leaf in any other slot: not affine in it
-        if name not in roles and isinstance(value, Tensor) and id(value) in leaf_ids:
+        if name in roles or (name == "weight" and "bias" in roles):
+            continue  # (a shared weight is a constant for the bias, which enters additively)
+        if isinstance(value, Tensor) and id(value) in leaf_ids:
             return None
     z = call.out
     x = bound["input"]
@@ -315,9 +323,10 @@ def make_site(call: Call, leaf_ids: dict[int, int], once: set[int]) -> Site | No
         if bound["max_norm"] is not None or bound["scale_grad_by_freq"] or bound["sparse"]:
             return None
         kind, axes = "embedding", (z.dim() - 1,)
-    elif func is F.layer_norm:
+    elif func in (F.layer_norm, F.rms_norm):
         k = len(tuple(bound["normalized_shape"]))
-        kind, axes = "layer_norm", tuple(range(z.dim() - k, z.dim()))
+        kind = "layer_norm" if func is F.layer_norm else "rms_norm"
+        axes = tuple(range(z.dim() - k, z.dim()))
     else:
         if x.dim() < 2:
             return None
