@@ -132,7 +132,14 @@ class _Step:
 class _Plan:
     """Which sites the graph route covers, and the calls it walks."""
 
-    def __init__(self, calls: list[Call], value: Tensor, sites: list[Site], curved_from: int):
+    def __init__(
+        self,
+        calls: list[Call],
+        value: Tensor,
+        sites: list[Site],
+        curved_from: int,
+        blocked: set[int] = frozenset(),  # type: ignore[assignment]
+    ):
         self.value = value
         site_of = {id(s.call): s for s in sites}
         active: dict[int, Tensor] = {}
@@ -180,6 +187,8 @@ class _Plan:
         # everything upstream of a call without an answer is not covered
         tainted: set[int] = set()
         for step in reversed(walk):
+            if id(step.call) in blocked:  # not crossed: upstream of it not covered
+                tainted.update(id(t) for t in step.active)
             if id(step.call) in bad or any(id(o) in tainted for o in step.outs):
                 tainted.update(id(t) for t in step.active)
                 tainted.update(id(o) for o in step.outs)
@@ -197,34 +206,46 @@ class _Plan:
         self.walk = walk
         self.covered = covered
 
-    def columns_cost(self) -> float:
-        """Estimated work of the route, in per-slice entries times fan-in crossed.
+    def costly(self) -> set[int]:
+        """The calls whose columns would cost more than sweeping the parameters upstream.
 
         Simulates where diagonals and columns arise (as :class:`_Backprop` does) and
-        charges each origin its columns times the calls below it (crossing a call
-        with a weight costs its fan-in per output entry; per-sample squares at a
-        site as much again).
+        charges each origin its columns times the work of the calls below it, in
+        per-slice entries (a call with a weight costs its fan-in per output entry; the
+        per-sample squares at a site as much again).  A sweep costs about four passes
+        over all calls per parameter.  An origin above :data:`SMALL_COST` whose cost,
+        times :data:`COST_RATIO`, exceeds the sweep of the covered parameters upstream
+        of it, is returned (by ``id`` of its call): those parameters take another route.
         """
-        unit = {}
+        unit, upto, ups = {}, {}, {}
+        total = 0.0
+        covered = {id(site) for site in self.sites}
         for step in self.walk:
             size = sum(o[0].numel() if o.dim() > 0 else 1 for o in step.outs)
             unit[step.index] = size * (1 + _fan_in(step))
-        below = []
-        total = 0.0
-        for step in self.walk:  # cumulative work of the walked calls up to each index
             if step.useful or step.site is not None:
                 total += unit[step.index]
-            below.append((step.index, total))
-        upto = dict(below)
-        cost = 0.0
+            upto[step.index] = total
+            up = set().union(*(ups.get(id(u), set()) for u in step.useful))
+            if step.site is not None and id(step.site) in covered:
+                up = up | {id(step.site)}
+            for o in step.outs:
+                ups[id(o)] = up
+        everything = sum(unit.values())
+        numel = {id(site): sum(site.bound[r].numel() for r in site.roles) for site in self.sites}
+
+        def sweep(step: _Step) -> float:
+            up = set().union(*(ups.get(id(u), set()) for u in step.useful))
+            return 4.0 * everything * sum(numel[i] for i in up)
+
+        found: set[int] = set()
         diag: set[int] = set()
         for step in reversed(self.walk):
             if not step.useful:
                 continue
+            cost = 0.0
             if step.curved:
-                k = _residual_columns(step)
-                if k:
-                    cost += k * upto[step.index]
+                cost += _residual_columns(step) * upto[step.index]
                 if isinstance(step.rule, (Activation, Softmax)) or _diag_loss(step):
                     diag.update(id(u) for u in step.useful)
             for o in step.outs:
@@ -235,17 +256,9 @@ class _Plan:
                     diag.add(id(step.active[0]))
                 else:
                     cost += (o[0].numel() if o.dim() > 0 else 1) * upto[step.index]
-        return cost
-
-    def sweep_cost(self) -> float:
-        """Estimated work of sweeping the covered parameters (a Hessian-vector product
-        costs about four passes over the calls)."""
-        total = 0.0
-        for step in self.walk:
-            size = sum(o[0].numel() if o.dim() > 0 else 1 for o in step.outs)
-            total += size * (1 + _fan_in(step))
-        n = sum(s.bound[r].numel() for s in self.sites for r in s.roles)
-        return 4.0 * n * total
+            if cost > SMALL_COST and COST_RATIO * cost > sweep(step):
+                found.add(id(step.call))
+        return found
 
     @staticmethod
     def _source(t: Tensor, n: int | None) -> str | None:
@@ -321,12 +334,15 @@ def graph_diagonal(
     call of the loss for the GGN); ``compute=False`` only plans (values
     ``None``).
     """
-    plan = _Plan(calls, value, sites, curved_from)
-    if not plan.sites:
-        return {}
-    cost = plan.columns_cost()
-    if cost > SMALL_COST and COST_RATIO * cost > plan.sweep_cost():
-        return {}  # the columns would cost more than sweeping (e.g. wide smooth CNNs)
+    blocked: set[int] = set()
+    while True:  # block the origins whose columns would cost more than sweeping
+        plan = _Plan(calls, value, sites, curved_from, blocked)
+        if not plan.sites:
+            return {}
+        more = plan.costly() - blocked
+        if not more:
+            break
+        blocked |= more
     if not compute:
         return {i: None for s in plan.sites for i in s.roles.values()}
     with torch.no_grad():

@@ -3,7 +3,7 @@ r"""Exact Hessian and GGN diagonals at the cost of a few products per layer.
 The basis sweep (:func:`torch_secorder.func.hessian_diagonal`) pays one
 Hessian-vector product per parameter entry.  This module finds, by recording one
 evaluation of the loss, the parameters for which much less is enough, and
-computes their diagonal by one of two routes; everything else is swept.  Every
+computes their diagonal by one of three routes; everything else is swept.  Every
 route is exact: the numbers equal the dense Hessian's (GGN's) diagonal up to
 rounding.
 
@@ -26,6 +26,25 @@ way) when it must cross a second linear layer.  Cost: a few matrix products
 per layer for a two-hidden-layer network; the GGN drops the
 :math:`\sigma''` terms.
 
+**Graph route** (``"graph"``).  Otherwise the recorded calls are walked
+backwards as a graph (:mod:`torch_secorder.func._graph`, one rule per operation
+in :mod:`torch_secorder.func._rules`): the loss Hessian with respect to every
+tensor on the way is carried as signed columns (``C`` per sample for a
+``C``-class cross-entropy), a diagonal, and the residual terms of calls with a
+nonzero second derivative (activations, softmax, products such as
+:math:`QK^\top`, layer norm, the loss), each crossing a call by its Jacobian
+transpose; at every affine site the parameter diagonal is the signed sum of
+squared per-sample gradients of the columns.  Pooling, reshapes, slicing,
+padding, concatenation, residual additions (a tensor read twice: its columns
+add), eval-mode batch norm, layer/group/RMS norm, embeddings, grouped,
+transposed and 3-d convolutions and attention are covered; for a network of
+linear and piecewise-linear calls (ReLU, max pooling) only the loss's columns
+exist, the cost of the GGN.  The samples must stay apart: a call that mixes
+them (training-mode batch norm, a transposed batch axis) or that has no rule
+leaves the parameters upstream of it to the next routes, and so does an origin
+of columns estimated to cost more than sweeping the parameters above it (a
+diagonal term crossing wide convolutions: one column per entry of a sample).
+
 **Layer route** (``"rows"``, ``"blocks"``).  For a parameter read by exactly one
 call of an operator affine in it (``F.linear``, ``F.conv*d``, ``F.embedding``,
 the affine part of ``F.layer_norm``/``F.group_norm``/``F.batch_norm``; see
@@ -41,13 +60,15 @@ fewer products than the sweep of that layer's parameters.
 
 **Sweep** (``"sweep"``): parameters read twice (tied weights, also through a
 property such as ``.T``), by other operators, layers whose rows are coupled
-(batch norm in training mode upstream of it), anything not recognised.  When in
+(batch norm in training mode downstream of it), anything not recognised.  When in
 doubt, the slow exact answer.  Also every parameter when the caller
 differentiates the diagonal (a ``torch.func`` transform, or autograd through a
 tensor that requires grad): the other routes compute without autograd.
 
 Memory: at most ``chunk_size`` perturbations are in flight at once (default:
-about ``2**24`` tangent entries).
+about ``2**24`` tangent entries); the graph route walks its columns in chunks
+of at most ``2**24`` entries at a tensor (and at most ``chunk_size`` columns
+when given).
 """
 
 from __future__ import annotations
@@ -520,7 +541,7 @@ def fast_hessian_diagonal(
     r"""Exact :math:`\operatorname{diag}(\nabla^2 f(\theta))`, by the cheapest exact route.
 
     Same numbers as :func:`torch_secorder.func.hessian_diagonal`; each parameter
-    takes the chain, layer or sweep route (module docstring;
+    takes the chain, graph, layer or sweep route (module docstring;
     :func:`diagonal_plan` tells which).  ``f`` is evaluated once without
     autograd to find the routes, so it must be a deterministic function of
     ``params`` (draw dropout masks from a fixed seed).
@@ -577,7 +598,9 @@ def ggn_diagonal(
     :math:`\operatorname{diag}(J^\top H_{\text{out}} J)`.  For cross-entropy with
     targets sampled from the model this is also the exact diagonal of the
     Fisher.  Routes as in :func:`fast_hessian_diagonal` (the chain route drops
-    the activations' second derivatives; the layer route uses GGN-vector
+    the activations' second derivatives; the graph route records the model and
+    the loss one after the other and keeps the residual terms of the loss's
+    calls only; the layer route uses GGN-vector
     products :math:`J^\top H_{\text{out}} J v`; the sweep one per entry), and
     differentiable in the same way (the sweep under a transform or autograd).
 
