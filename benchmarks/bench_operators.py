@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._models import mlp_784_256_256_10, tanh_cnn  # noqa: E402
 from benchmarks._peers import load_curvlinops, load_pyhessian, peer_versions  # noqa: E402
 from benchmarks._timing import busy_warning  # noqa: E402
-from torch_secorder.linalg import lanczos_eigsh, xtrace  # noqa: E402
+from torch_secorder.linalg import hutchpp, lanczos_eigsh, xtrace  # noqa: E402
 from torch_secorder.operators import HessianOperator  # noqa: E402
 
 NUM_BATCHES = 8
@@ -176,8 +176,13 @@ def section_trace(name: str, args) -> None:
     n = H.shape[0]
     # One exact pass, timed with its first-call costs (the routes' detection): the
     # exact trace can cost minutes where the diagonal routes are slow (convolutions).
-    wall_exact, cpu_exact, exact_t = measure(H.trace)
-    exact = float(exact_t)
+    # --exact VALUE (printed by an earlier run) skips it: the exact entry is then left out.
+    if args.exact is None:
+        wall_exact, cpu_exact, exact_t = measure(H.trace)
+        exact = float(exact_t)
+    else:
+        wall_exact = cpu_exact = float("inf")
+        exact = args.exact
     print(f"{name} n={n:,}: exact trace {exact:.6g}", flush=True)
     rows: list[tuple[str, int, bool, float, float, float]] = []
 
@@ -197,19 +202,29 @@ def section_trace(name: str, args) -> None:
             flush=True,
         )
 
-    rows.append(ours)
-    show(rows[-1])
+    if args.exact is None:
+        rows.append(ours)
+        show(rows[-1])
 
     def ours_xtrace(m: int) -> float:
         gen = torch.Generator().manual_seed(args.seed)
         return float(xtrace(H.matmat, n, m, generator=gen, dtype=H.dtype, progress=False).estimate)
 
-    # Our estimate runs until it is within 1% or a run costs more than the exact trace.
-    rows.append(
-        ("ours XTrace", *first_within(ours_xtrace, exact, 0.01, args.max_matvecs, cpu_exact))
-    )
+    def ours_hutchpp(m: int) -> float:
+        gen = torch.Generator().manual_seed(args.seed)
+        return float(hutchpp(H.matmat, n, m, generator=gen, dtype=H.dtype, progress=False).estimate)
+
+    # Our estimates run until within 1% or a run costs more than the exact trace.
+    cap = args.max_matvecs
+    rows.append(("ours XTrace", *first_within(ours_xtrace, exact, 0.01, cap, cpu_exact)))
     show(rows[-1])
-    ours = min((r for r in rows if r[2]), key=lambda r: r[4])
+    rows.append(("ours Hutch++", *first_within(ours_hutchpp, exact, 0.01, cap, cpu_exact, 3)))
+    show(rows[-1])
+    entries = [r for r in rows if r[2]]
+    if not entries:
+        print("  no entry of ours within 1%: peers not run", flush=True)
+        return
+    ours = min(entries, key=lambda r: r[4])
     print(f"  our entry: {ours[0]}, {fmt(ours[3])} (cpu {fmt(ours[4])})", flush=True)
     budget = args.give_up * ours[4]
     if load_curvlinops():
@@ -304,6 +319,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-matvecs", type=int, default=512)
     parser.add_argument("--tol", type=float, default=1e-8)
+    parser.add_argument(
+        "--exact",
+        type=float,
+        default=None,
+        help="trace: the exact trace printed by an earlier run (skips computing and timing it)",
+    )
     parser.add_argument(
         "--give-up",
         type=float,
