@@ -45,6 +45,7 @@ __all__ = [
     "ChunkPolicy",
     "ChunkSchedule",
     "MemoryReader",
+    "chunk_entries",
     "chunk_policy",
     "memory_reader",
     "static_chunk_size",
@@ -118,6 +119,22 @@ def _clamp(chunk: float, num_vectors: int) -> int:
     return int(max(1, min(num_vectors, chunk_policy.max_chunk, chunk)))
 
 
+def chunk_entries(device: torch.device | None = None) -> int:
+    """Tangent entries (vectors x entries per vector) one chunk may hold on ``device``.
+
+    On the CPU :attr:`ChunkPolicy.cpu_elements`; on CUDA the policy's share of
+    the free memory divided by its peak-bytes-per-entry estimate.
+
+    Example:
+        >>> chunk_entries() == 2**24
+        True
+    """
+    if not _is_cuda(device):
+        return int(chunk_policy.cpu_elements)
+    budget = memory_reader.free(torch.device(device)) * chunk_policy.memory_fraction
+    return max(1, int(budget // chunk_policy.bytes_per_entry_estimate))
+
+
 def static_chunk_size(num_vectors: int, dim: int, device: torch.device | None = None) -> int:
     """The default chunk before any measurement: vectors per chunk for ``dim`` entries each.
 
@@ -133,11 +150,7 @@ def static_chunk_size(num_vectors: int, dim: int, device: torch.device | None = 
         >>> static_chunk_size(8, 10)
         8
     """
-    dim = max(int(dim), 1)
-    if not _is_cuda(device):
-        return _clamp(chunk_policy.cpu_elements // dim, num_vectors)
-    budget = memory_reader.free(torch.device(device)) * chunk_policy.memory_fraction
-    return _clamp(budget // (chunk_policy.bytes_per_entry_estimate * dim), num_vectors)
+    return _clamp(chunk_entries(device) // max(int(dim), 1), num_vectors)
 
 
 class ChunkSchedule:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from torch_secorder._chunks import chunk_entries
 from torch_secorder.core._batch_checks import check_batch_fits
 from torch_secorder.core._inputs import (
     as_vector_list,
@@ -38,7 +39,6 @@ from torch_secorder.core._inputs import (
 )
 from torch_secorder.core._model_function import ModelFunction
 from torch_secorder.core._purity import preserved_state
-from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 
 __all__ = ["compute_loss_surface_1d", "compute_loss_surface_2d", "create_random_direction"]
@@ -83,7 +83,7 @@ def _loss_grid(
     coeffs = coeffs_of(like.dtype, like.device)
     n = sum(p.numel() for p in params)
     if chunk_size is None:
-        chunk_size = max(1, min(MAX_CHUNK, DEFAULT_CHUNK_ELEMENTS // n))
+        chunk_size = max(1, min(MAX_CHUNK, chunk_entries(like.device) // n))
 
     with preserved_state(params, model) as rewind, torch.no_grad():
         rewind()  # the first evaluation: its random draws are replayed in all others

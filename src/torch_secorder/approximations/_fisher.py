@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_secorder._chunks import chunk_entries
 from torch_secorder.core._inputs import check_generator, check_module, check_num_samples
 from torch_secorder.core._per_sample import empirical_sq_sum  # re-exported
 from torch_secorder.errors import UnsupportedShapeError
-from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 
 __all__ = ["LOSS_TYPES", "empirical_sq_sum", "loss_kind", "predictive_sq_sum"]
@@ -158,9 +158,8 @@ def predictive_sq_sum(
     make, per = _rows(outputs, kind, num_samples, generator, create_graph)
     dim = sum(p.numel() for p in active)
     if chunk_size is None:
-        rows_budget = max(
-            1, min(DEFAULT_CHUNK_ELEMENTS // dim, DEFAULT_CHUNK_ELEMENTS // (8 * outputs.numel()))
-        )
+        budget = chunk_entries(outputs.device)
+        rows_budget = max(1, min(budget // dim, budget // (8 * outputs.numel())))
         chunk_size = max(1, rows_budget // per)
     sums = [torch.zeros_like(p) for p in active]
     with torch.enable_grad():

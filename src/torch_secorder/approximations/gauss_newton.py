@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from torch_secorder._checks import check_chunk_size
+from torch_secorder._chunks import chunk_entries
 from torch_secorder.core._batch_checks import check_batch_device, targets_fit
 from torch_secorder.core._fallback import is_functional_refusal
 from torch_secorder.core._graph_ggn import graph_ggn_diagonal
@@ -47,7 +48,7 @@ from torch_secorder.core._problem import LossProblem, module_problem
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
 from torch_secorder.func.fast_diagonal import ggn_diagonal
-from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS, hvp
+from torch_secorder.func.hvp import hvp
 from torch_secorder.linalg.trace import chunk_ranges
 
 __all__ = [
@@ -215,7 +216,7 @@ def _diagonal_by_columns(
     """
     n, m = problem.n, problem.m
     point = problem.point(create_graph)
-    step = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(m, 1))
+    step = chunk_size or max(1, chunk_entries(problem.active[0].device) // max(m, 1))
     with torch.enable_grad():
         out = problem.out_fn(point)
         o = out if create_graph else out.detach()
@@ -403,7 +404,7 @@ def gauss_newton_matrix(
                     tangents
                 ).T  # (M, n)
                 cols = J.T.reshape(n, *out.shape)
-                step = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(m, 1))
+                step = chunk_size or max(1, chunk_entries(out.device) // max(m, 1))
                 pieces = [
                     vmap(lambda v: hvp(loss_of_out, o, v))(cols[a:b]).reshape(b - a, m)
                     for a, b in chunk_ranges(n, step)

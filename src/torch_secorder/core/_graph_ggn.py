@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
+from torch_secorder._chunks import chunk_entries
 from torch_secorder.linalg.progress import progress_bar
 from torch_secorder.linalg.trace import chunk_ranges
 
@@ -115,7 +115,9 @@ def graph_ggn_diagonal(
         out = out_fn(dict(zip(names, tensors, strict=True)))
         (g_out,) = torch.autograd.grad(loss_of_out(out), out, create_graph=True)
         dummy, pulled = transposed_jacobian(out, tensors)
-        step = chunk_size or max(1, min(MAX_CHUNK, DEFAULT_CHUNK_ELEMENTS // max(out.numel(), 1)))
+        step = chunk_size or max(
+            1, min(MAX_CHUNK, chunk_entries(out.device) // max(out.numel(), 1))
+        )
         chunks = [
             (j, start, stop)
             for j, t in enumerate(tensors)

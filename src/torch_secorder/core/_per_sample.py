@@ -21,13 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from torch_secorder._chunks import chunk_entries
 from torch_secorder.core._batch_checks import check_batch_fits
 from torch_secorder.core._fallback import has_recurrent_module, is_functional_refusal
 from torch_secorder.core._inputs import check_module
 from torch_secorder.core._model_function import ModelFunction
 from torch_secorder.core._purity import preserved_state
 from torch_secorder.func._fixes import differentiable
-from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 
 __all__ = ["empirical_sq_sum"]
@@ -90,7 +90,7 @@ def empirical_sq_sum(
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     dim = sum(p.numel() for _, p in active)
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // dim)
+        chunk_size = max(1, chunk_entries(active[0][1].device) // dim)
     graph = torch.enable_grad() if create_graph else contextlib.nullcontext()
     with preserved_state(params, model) as rewind, graph:
         with rewind.evaluation(replay=False):

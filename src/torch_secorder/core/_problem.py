@@ -211,7 +211,9 @@ class LossProblem:
         resolved = self.resolve_strategy(strategy)
         if chunk_size is None:
             chunk_size = (
-                default_chunk_size(num_samples, self.dim) if resolved == "vmap" else GRAPH_BATCH
+                default_chunk_size(num_samples, self.dim, self.device)
+                if resolved == "vmap"
+                else GRAPH_BATCH
             )
         return hutchinson(
             self.matmat(resolved, chunk_size),
