@@ -143,3 +143,24 @@ def test_estimate_before_measurement_uses_free_memory(stub):
     stub(free=16 * GIB, per_vector=1)
     expected = int(16 * GIB * chunk_policy.memory_fraction // (64.0 * 1_000_000))
     assert static_chunk_size(1024, 1_000_000, CUDA) == expected == 134
+
+
+def test_basis_sweep_runs_the_measured_schedule(stub, monkeypatch):
+    """The diagonal sweep takes its chunks from the schedule: 2 measuring vectors, then the rest."""
+    from torch_secorder.func.diagonal import basis_sweep_diagonal
+
+    reader = stub(free=10 * 1000, per_vector=1000)
+    monkeypatch.setattr(_chunks, "_is_cuda", lambda device: device is not None)
+    A = torch.randn(12, 12, dtype=torch.float64)
+    A = A + A.T
+    chunks = []
+
+    def product(v):
+        if not chunks:
+            reader.run(_chunks.FIRST_CHUNK)  # the measuring chunk's peak
+        chunks.append(v)
+        return A @ v
+
+    diag = basis_sweep_diagonal(product, torch.zeros(12, dtype=torch.float64), None)
+    torch.testing.assert_close(diag, torch.diagonal(A), rtol=0, atol=1e-14)
+    assert len(chunks) == 3  # (0, 2), (2, 7), (7, 12): 0.5 * 10 vectors' memory per chunk

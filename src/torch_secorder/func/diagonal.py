@@ -19,11 +19,10 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from torch_secorder._checks import check_chunk_size
+from torch_secorder._chunks import ChunkSchedule
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import PyTree, tree_leaves
-from torch_secorder.func.hvp import default_chunk_size
 from torch_secorder.linalg.progress import progress_bar
-from torch_secorder.linalg.trace import chunk_ranges
 
 __all__ = ["hessian_diagonal", "hessian_trace", "leaf_hessian_diagonal"]
 
@@ -38,7 +37,7 @@ def _replace_leaf(params: PyTree, index: int, value: Tensor) -> PyTree:
 def basis_sweep_diagonal(
     product: Callable[[Tensor], Tensor],
     leaf: Tensor,
-    chunk_size: int,
+    chunk_size: int | None,
     progress: bool = False,
     desc: str = "diagonal sweep",
 ) -> Tensor:
@@ -46,6 +45,9 @@ def basis_sweep_diagonal(
 
     ``product(v) = A v`` is vmapped over ``chunk_size`` one-hot basis vectors at a
     time; memory is that of ``chunk_size`` products, never an ``n x n`` matrix.
+    ``chunk_size=None`` takes the device's chunk policy
+    (:class:`~torch_secorder._chunks.ChunkSchedule`: on CUDA the first chunk
+    measures the peak memory of a product and sizes the others from the free memory).
 
     Example:
         >>> import torch
@@ -56,7 +58,8 @@ def basis_sweep_diagonal(
     numel = leaf.numel()
     batched = vmap(product, randomness="same")
     pieces = []
-    for start, stop in progress_bar(chunk_ranges(numel, chunk_size), enabled=progress, desc=desc):
+    schedule = ChunkSchedule(numel, chunk_size, leaf.device, dim=numel)
+    for start, stop in progress_bar(schedule, enabled=progress, desc=desc):
         rows = torch.arange(stop - start, device=leaf.device)
         basis = torch.zeros(stop - start, numel, dtype=leaf.dtype, device=leaf.device)
         basis[rows, rows + start] = 1.0
@@ -86,9 +89,6 @@ def leaf_hessian_diagonal(
     """
     check_chunk_size(chunk_size)
     leaf = tree_leaves(params)[index]
-    numel = leaf.numel()
-    if chunk_size is None:
-        chunk_size = default_chunk_size(numel, numel, leaf.device)
 
     @differentiable
     def f_leaf(x: Tensor) -> Tensor:

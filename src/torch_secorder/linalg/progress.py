@@ -26,8 +26,11 @@ def progress_bar(items: Iterable[T], *, enabled: bool = True, desc: str = "") ->
     except ImportError:  # pragma: no cover - tqdm is a dependency
         yield from items
         return
-    items = list(items)
-    if len(items) <= 1:
+    if not hasattr(items, "__len__"):
+        items = list(items)
+    # an object with a length is iterated lazily (a chunk schedule sizes its pieces
+    # as the loop runs); its length is the bar's total
+    if len(items) <= 1:  # type: ignore[arg-type]
         yield from items
         return
-    yield from tqdm(items, desc=desc, delay=PROGRESS_DELAY_S, leave=False)
+    yield from tqdm(items, total=len(items), desc=desc, delay=PROGRESS_DELAY_S, leave=False)  # type: ignore[arg-type]
