@@ -11,7 +11,7 @@ One process, the same model, loader and vectors for everyone (synthetic data, a
 ``trace``
     Time to a trace estimate within 1% relative error of the exact trace.  Our exact
     trace (the fast exact diagonal, batch by batch) is computed once, after a warm-up
-    on one batch.  Each stochastic method (ours: XTrace; curvlinops' Hutchinson,
+    on one batch.  Each stochastic method (ours: XTrace, Hutch++; curvlinops' Hutchinson,
     Hutch++, XTrace; PyHessian's Hutchinson) runs with ``m = 4, 8, 16, ...``
     products (Hutch++: 3, 6, 12, ...; seeded) until its estimate is within 1%; its
     figure is the time of that successful run (the smaller runs before it are not
