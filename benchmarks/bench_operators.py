@@ -15,8 +15,8 @@ One process, the same model, loader and vectors for everyone (synthetic data, a
     Hutch++, XTrace; PyHessian's Hutchinson) runs with ``m = 4, 8, 16, ...``
     products (Hutch++: 3, 6, 12, ...; seeded) until its estimate is within 1%; its
     figure is the time of that successful run (the smaller runs before it are not
-    counted) and ``m``.  Our estimate stops once a run costs more CPU time than the
-    exact trace; our entry is the faster of the two.  A peer stops once a run costs
+    counted) and ``m``.  Our estimates stop once a run costs more CPU time than the
+    exact trace; our entry is the fastest of ours.  A peer stops once a run costs
     ``--give-up`` (5) times our entry's CPU time without being within 1%: its figure
     is then a lower bound ("not yet at m=...").
 ``eigen``
