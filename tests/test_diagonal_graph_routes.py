@@ -193,3 +193,37 @@ def test_declined_where_columns_cost_more_than_the_sweep(monkeypatch):
     monkeypatch.setattr(graph, "SMALL_COST", 0.0)
     assert "graph" not in ours_plan(built).values()
     assert_close(ours_hessian_diagonal(built), dense_hessian_diagonal(built))
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    k1=st.integers(1, 3),
+    k2=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 1),
+    dilation=st.integers(1, 2),
+    act=st.sampled_from(["tanh", "gelu", "sigmoid"]),
+    seed=st.integers(0, 2**16),
+)
+def test_banded_term_between_two_convolutions(k1, k2, stride, padding, dilation, act, seed):
+    """A diagonal term crossing one convolution into a convolution site that reads the data:
+    read off by the band of offsets (no columns); equal to the dense Hessian."""
+    torch.manual_seed(seed)
+    acts = {"tanh": nn.Tanh(), "gelu": nn.GELU(), "sigmoid": nn.Sigmoid()}
+    conv2 = nn.Conv2d(2, 3, k2, stride=stride, padding=padding, dilation=dilation)
+    body = nn.Sequential(
+        nn.Conv2d(2, 2, k1, padding=1), acts[act], conv2, acts[act], nn.AvgPool2d(1)
+    )  # (the pooling keeps the chain route away)
+    x = torch.randn(2, 2, 6, 6, dtype=DT)
+    width = body.to(DT)(x)[0].numel()
+    model = nn.Sequential(body, nn.Flatten(), nn.Linear(width, 3)).to(DT)
+    built = Built(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2]))
+    plan = graph._Plan  # the shortcut is taken: no diagonal origin walks columns
+    walks = []
+    real = graph._Backprop._walk_diag
+    try:
+        graph._Backprop._walk_diag = lambda self, *a: walks.append(a) or real(self, *a)
+        _check(built)
+    finally:
+        graph._Backprop._walk_diag = real
+    assert plan is graph._Plan and not walks

@@ -206,6 +206,32 @@ class _Plan:
         self.walk = walk
         self.covered = covered
 
+    def banded(self, step: _Step) -> tuple[list[_Step], _Step] | None:
+        """For a diagonal term at the output of a 2-d convolution ``step``: the
+        elementwise calls and the convolution site below it, when the term stops
+        there (the site reads data only), else ``None`` (see :func:`_banded`)."""
+        if (
+            not _plain_conv2d(step.call)
+            or len(step.useful) != 1
+            or step.call.args[0] is not (step.useful[0])
+        ):
+            return None
+        by_out = {id(o): st for st in self.walk for o in st.outs}
+        chain: list[_Step] = []
+        node = step.useful[0]
+        while True:
+            below = by_out.get(id(node))
+            if below is None:
+                return None
+            if below.site is not None and id(below.site) in {id(x) for x in self.sites}:
+                if below.useful or not _plain_conv2d(below.call) or below.site.kind != "conv":
+                    return None
+                return chain, below
+            if not below.elementwise or len(below.useful) != 1:
+                return None
+            chain.append(below)
+            node = below.useful[0]
+
     def costly(self) -> set[int]:
         """The calls whose columns would cost more than sweeping the parameters upstream.
 
@@ -254,7 +280,7 @@ class _Plan:
                 diag.discard(id(o))
                 if step.elementwise:
                     diag.add(id(step.active[0]))
-                else:
+                elif self.banded(step) is None:
                     cost += (o[0].numel() if o.dim() > 0 else 1) * upto[step.index]
             if cost > SMALL_COST and COST_RATIO * cost > sweep(step):
                 found.add(id(step.call))
@@ -415,6 +441,8 @@ class _Backprop:
                     jac = step.jacobian()
                     d = d * jac * jac
                     diag[id(a)] = d if id(a) not in diag else diag[id(a)] + d
+                elif self.plan.banded(step) is not None:
+                    self._add(*_banded(self.plan, step, d))
                 else:
                     origins.append((step.index, True, o, d))
         for start, inclusive, cols, sign in origins:
@@ -500,6 +528,90 @@ class _Backprop:
             if found is not None:
                 return found
         return _per_sample_squares(site, s, sign, self.budget)
+
+
+def _plain_conv2d(call: Call) -> bool:
+    """An ungrouped ``F.conv2d`` with numeric padding (the banded shortcut's case)."""
+    if call.func is not F.conv2d or len(call.args) + len(call.kwargs) > 7:
+        return False
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, call.args))
+    bound.update(call.kwargs)
+    pad = bound.get("padding", 0)
+    return bound.get("groups", 1) == 1 and not isinstance(pad, str)
+
+
+def _conv_args(call: Call) -> dict:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    bound.update(zip(names, call.args))
+    bound.update(call.kwargs)
+    for key in ("stride", "padding", "dilation"):
+        v = bound[key]
+        bound[key] = (v, v) if isinstance(v, int) else tuple(v)
+    return bound
+
+
+def _shift(t: Tensor, dy: int, dx: int) -> Tensor:
+    """``t[..., i + dy, j + dx]`` (zero outside)."""
+    out = torch.zeros_like(t)
+    h, w = t.shape[-2:]
+    ys, yd = slice(max(dy, 0), h + min(dy, 0)), slice(max(-dy, 0), h + min(-dy, 0))
+    xs, xd = slice(max(dx, 0), w + min(dx, 0)), slice(max(-dx, 0), w + min(-dx, 0))
+    out[..., yd, xd] = t[..., ys, xs]
+    return out
+
+
+def _banded(plan: _Plan, step: _Step, r: Tensor) -> tuple[Site, dict[str, Tensor]]:
+    r"""A diagonal term :math:`\operatorname{diag}(r)` at ``z2 = conv2(a)`` read off at the
+    convolution site ``z1 = conv1(x)`` below (``a`` elementwise in ``z1``), without columns.
+
+    At ``z1`` the term is :math:`D A^	op \operatorname{diag}(r) A D` (``A`` the second
+    convolution, ``D`` the elementwise derivatives); a weight of ``conv1`` feeds one
+    channel ``o`` of ``z1``, and within a channel the term is banded: positions ``p``,
+    ``p + \Delta`` with :math:`\Delta` a difference of two kernel offsets.  Its band
+    :math:`B_\Delta[o, p] = d_p d_{p+\Delta} \sum_{o_2, q} r_{o_2 q} W_2[o_2, o, \delta]
+    W_2[o_2, o, \delta + \Delta]` is the input gradient of ``conv2`` with the kernel
+    :math:`W_2[\delta] W_2[\delta+\Delta]`, and the weight diagonal is
+    :math:`\sum_\Delta \sum_{n,p} B_\Delta[o, p]\, X[j, p]\, X[j, p + \Delta]` with ``X``
+    the input patches of ``conv1``.  Cost: one convolution per offset, no columns.
+    """
+    chain, below = plan.banded(step)
+    site = below.site
+    c2 = _conv_args(step.call)
+    a = c2["input"]
+    w2 = c2["weight"]
+    d = torch.ones_like(a)
+    for st in chain:  # from a down to z1
+        d = d * st.jacobian()
+    c1 = _conv_args(below.call)
+    x, w1 = c1["input"], c1["weight"]
+    kh, kw = w2.shape[-2:]
+    dil = c2["dilation"]
+    patches = F.unfold(x, w1.shape[-2:], c1["dilation"], c1["padding"], c1["stride"])
+    n, j, _ = patches.shape
+    grid = a.shape[-2:]
+    patches = patches.reshape(n, j, *grid)
+    weight = torch.zeros(w1.shape[0], j, dtype=r.dtype, device=r.device)
+    bias = torch.zeros(w1.shape[0], dtype=r.dtype, device=r.device)
+    for ey in range(-(kh - 1), kh):
+        for ex in range(-(kw - 1), kw):
+            shifted = torch.zeros_like(w2)
+            ys, yd = slice(max(ey, 0), kh + min(ey, 0)), slice(max(-ey, 0), kh + min(-ey, 0))
+            xs, xd = slice(max(ex, 0), kw + min(ex, 0)), slice(max(-ex, 0), kw + min(-ex, 0))
+            shifted[..., yd, xd] = w2[..., ys, xs]  # W2[delta + Delta] at delta
+            kernel = w2 * shifted
+            t = torch.nn.grad.conv2d_input(a.shape, kernel, r, c2["stride"], c2["padding"], dil, 1)
+            dy, dx = ey * dil[0], ex * dil[1]
+            band = d * _shift(d, dy, dx) * t  # (N, O1, H, W)
+            weight = weight + torch.einsum("nohw,njhw->oj", band, patches * _shift(patches, dy, dx))
+            bias = bias + band.sum((0, 2, 3))
+    found = {}
+    if "weight" in site.roles:
+        found["weight"] = weight
+    if "bias" in site.roles:
+        found["bias"] = bias
+    return site, found
 
 
 def _linear_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str, Tensor]:
