@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch_secorder.func._rules import elementwise_derivatives
 from torch_secorder.func._tape import Call
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 
@@ -426,39 +427,11 @@ def _loss_terms(call: Call, out: Tensor):
 
 
 def _derivatives(call: Call, z: Tensor) -> tuple[Tensor, Tensor] | None:
-    r""":math:`\sigma'(z)` and :math:`\sigma''(z)` of the recorded activation call, or ``None``.
-
-    Reverse over reverse with autograd on a detached copy of ``z`` (grad mode on):
-    for an elementwise :math:`\sigma`, the gradient of :math:`\sum\sigma(z)` is
-    :math:`\sigma'(z)` and the gradient of :math:`\sum\sigma'(z)` is
-    :math:`\sigma''(z)`, the derivatives autograd's own double backward gives.
-    (Nested forward mode under ``no_grad`` lacks rules, e.g. ``silu_backward``.)
-    Piecewise-linear activations get :math:`\sigma'' = 0`.  ``None`` when torch
-    has no derivative for the call: the chain route then declines.
-    """
-    rest, kwargs = call.args[1:], call.kwargs
-    if call.func is F.hardsigmoid:
-        # torch's backward multiplies by 1/6 rounded to float32 (5e-9 off in float64)
-        inside = (z > -3.0) & (z < 3.0)
-        return inside.to(z.dtype) / 6.0, torch.zeros_like(z)
-    try:
-        with torch.enable_grad():
-            t = z.detach().requires_grad_(True)
-            a = call.func(t, *rest, **kwargs)
-            if not a.requires_grad:
-                return None
-            (d1,) = torch.autograd.grad(
-                a, t, torch.ones_like(a), create_graph=call.func not in _PIECEWISE_LINEAR
-            )
-            if call.func in _PIECEWISE_LINEAR or not d1.requires_grad:
-                d2 = torch.zeros_like(z)
-            else:
-                (d2,) = torch.autograd.grad(d1, t, torch.ones_like(d1), allow_unused=True)
-                if d2 is None:
-                    d2 = torch.zeros_like(z)
-    except (RuntimeError, NotImplementedError):
-        return None
-    return d1.detach(), d2.detach()
+    r""":math:`\sigma'(z)` and :math:`\sigma''(z)` of the recorded activation call, or ``None``
+    (the graph route's rule: :func:`torch_secorder.func._rules.elementwise_derivatives`;
+    piecewise-linear activations get :math:`\sigma'' = 0`).  ``None``: the chain
+    route declines."""
+    return elementwise_derivatives(call, z, call.func in _PIECEWISE_LINEAR)
 
 
 def chain_diagonal(
