@@ -41,6 +41,7 @@ from torch_secorder.core.hvp import problem_ggn_matmat
 from torch_secorder.func._tree import tree_ravel
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
+from torch_secorder.operators._cache import DEFAULT_CACHE_BATCHES, GraphCache
 from torch_secorder.operators._function import FunctionSource, function_problem
 from torch_secorder.operators.base import CurvatureOperator
 
@@ -60,9 +61,19 @@ class HessianOperator(CurvatureOperator):
     Diagonal: per batch, the exact fast routes
     (:func:`~torch_secorder.core.hessian_diagonal.active_hessian_diagonal`).
 
+    On the autograd-graph routes (the CPU's ``"auto"``), the first product keeps each
+    batch's gradient graph for the later ones (at most ``cache_batches`` batches; see
+    :mod:`torch_secorder.operators._cache` for the memory it holds): a later product
+    runs one backward pass per batch, at the parameters' current values (a change of
+    the model's parameters, buffers or modes, or of a batch, rebuilds), with the
+    dropout masks of the first product (the operator is one fixed symmetric matrix).
+
     Args:
         strategy: How a batch's products are batched (see
             :data:`torch_secorder.core._problem.STRATEGIES`).
+        cache_batches: Batches whose gradient graph is kept across products
+            (default 16; 0 keeps none: every product rebuilds every batch and draws
+            fresh random masks).
         **kwargs: See :class:`~torch_secorder.operators.base.CurvatureOperator`.
 
     Example:
@@ -83,9 +94,29 @@ class HessianOperator(CurvatureOperator):
 
     label = "Hessian"
 
-    def __init__(self, *args: Any, strategy: str = "auto", **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        strategy: str = "auto",
+        cache_batches: int = DEFAULT_CACHE_BATCHES,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.strategy = strategy
+        if isinstance(cache_batches, bool) or not isinstance(cache_batches, int):
+            raise TypeError(f"cache_batches must be an int, got {type(cache_batches).__name__}")
+        if cache_batches < 0:
+            raise ValueError(f"cache_batches must be >= 0, got {cache_batches}")
+        self._cache = GraphCache(cache_batches)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        self._cache.begin()  # the model's state is checked once per pass
+        return super().matmat(V)
+
+    def block(self, names: Any) -> HessianOperator:
+        restricted = super().block(names)
+        restricted._cache = GraphCache(self._cache.capacity)  # its own graphs
+        return restricted  # type: ignore[return-value]
 
     @classmethod
     def from_function(
@@ -152,6 +183,7 @@ class HessianOperator(CurvatureOperator):
             group=group,
         )
         op.strategy = strategy
+        op._cache = GraphCache(0)  # (its products rebuild every batch)
         return op
 
     def _problem(self, inputs: Any, targets: Tensor):
@@ -160,10 +192,30 @@ class HessianOperator(CurvatureOperator):
         return module_problem(self.model, self.loss_fn, inputs, targets, only=self.names)
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+        cache = self._cache if self.function is None and self._cache.capacity > 0 else None
+        key = (tuple(self.names), self.strategy, self.chunk_size)
+        if cache is not None:
+            product = cache.lookup(self.model, key, index, inputs, targets)
+            if product is not None:  # the batch's gradient graph, kept (see _cache)
+                # Backward passes on a kept graph: nothing of the user's is written but
+                # what autograd could touch (.grad, requires_grad), kept here.
+                params = list(self.model.parameters())
+                grads = [p.grad for p in params]
+                try:
+                    return product(V)
+                finally:
+                    for p, g in zip(params, grads, strict=True):
+                        p.grad = g
         with self._problem(inputs, targets) as problem:
             if not problem.active:
                 return torch.zeros_like(V)
-            return problem.matmat(self.strategy, self.chunk_size)(V)
+            product = problem.matmat(self.strategy, self.chunk_size)
+            result = product(V)
+            # Only the autograd-graph routes keep what a later product needs outside
+            # the problem (the vmap route re-evaluates the model in it).
+            if cache is not None and problem.resolve_strategy(self.strategy) != "vmap":
+                cache.store(self.model, key, index, inputs, targets, product)
+            return result
 
     def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
         with self._problem(inputs, targets) as problem:
