@@ -40,13 +40,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._models import Problem, mlp  # noqa: E402
-from benchmarks._peers import (  # noqa: E402
-    load_backpack,
-    load_curvlinops,
-    load_pyhessian,
-    load_secorder_001,
-)
+from benchmarks._peers import load_backpack  # noqa: E402
 from benchmarks._timing import busy_warning, print_table, sync, time_call  # noqa: E402
+from benchmarks.bench_hutchinson import peers  # noqa: E402
 from torch_secorder.core.hessian_diagonal import model_hessian_diagonal  # noqa: E402
 from torch_secorder.core.hessian_trace import model_hessian_trace_estimate  # noqa: E402
 from torch_secorder.func import hutchinson_trace_estimate  # noqa: E402
@@ -167,52 +163,6 @@ def compiled(problem: Problem, probes: int) -> Callable[[], object] | str:
     except Exception as exc:  # noqa: BLE001
         return f"torch.compile failed: {type(exc).__name__}: {str(exc)[:80]}"
     return run
-
-
-def peers(problem: Problem, probes: int, device: str) -> dict:
-    out: dict = {}
-    curvlinops = load_curvlinops()
-    if curvlinops.module is None:
-        out["curvlinops"] = curvlinops.reason
-    else:
-        from curvlinops import HessianLinearOperator
-        from curvlinops.trace.hutchinson import hutchinson_trace
-
-        def run_curvlinops():
-            H = HessianLinearOperator(
-                problem.model,
-                problem.loss_fn,
-                problem.params,
-                [(problem.inputs, problem.targets)],
-                check_deterministic=False,
-            )
-            return hutchinson_trace(H, probes)
-
-        out["curvlinops"] = run_curvlinops
-    pyhessian = load_pyhessian()
-    if pyhessian.module is None:
-        out["pyhessian"] = pyhessian.reason
-    else:
-        from pyhessian import hessian
-
-        def run_pyhessian():
-            h = hessian(
-                problem.model,
-                problem.loss_fn,
-                data=(problem.inputs, problem.targets),
-                cuda=device.startswith("cuda"),
-            )
-            return h.trace(maxIter=probes, tol=float("-inf"))
-
-        out["pyhessian"] = run_pyhessian
-    old = load_secorder_001()
-    if old.module is None:
-        out["0.0.1"] = old.reason
-    else:
-        out["0.0.1"] = lambda: old.module.hvp.hessian_trace(
-            problem.loss, problem.params, num_samples=probes
-        )
-    return out
 
 
 def _peak(fn: Callable[[], object], device: str) -> float | None:

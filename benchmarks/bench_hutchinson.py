@@ -44,7 +44,8 @@ def ours(problem, probes: int, strategy: str, chunk: int | None):
     )
 
 
-def peers(problem, probes: int) -> dict:
+def peers(problem, probes: int, device: str = "cpu") -> dict:
+    """The peers' Hutchinson runs on ``problem`` (a skip reason where a peer is missing)."""
     out: dict = {}
     pyhessian = load_pyhessian()
     if pyhessian.module is None:
@@ -54,7 +55,10 @@ def peers(problem, probes: int) -> dict:
 
         def run_pyhessian():
             h = hessian(
-                problem.model, problem.loss_fn, data=(problem.inputs, problem.targets), cuda=False
+                problem.model,
+                problem.loss_fn,
+                data=(problem.inputs, problem.targets),
+                cuda=device.startswith("cuda"),
             )
             return h.trace(maxIter=probes, tol=float("-inf"))
 
