@@ -67,13 +67,13 @@ def _count(calls, fn):
 )
 def test_operator_products_share_the_forward_pass(kind, strategy, hook):
     model, X, Y, calls = _setup(hook)
+    # Without the graph cache: every product rebuilds (test_operators_cache counts those).
     if kind == "hessian":
-        # Without the graph cache: every product rebuilds (test_operators_cache counts those).
         A = HessianOperator(
             model, nn.MSELoss(), (X, Y), strategy=strategy, chunk_size=6, cache_batches=0
         )
     else:
-        A = GGNOperator(model, nn.MSELoss(), (X, Y), chunk_size=6)
+        A = GGNOperator(model, nn.MSELoss(), (X, Y), chunk_size=6, cache_batches=0)
     dense = _dense(make_mlp([3, 4, 2], "tanh", 0), X, Y, kind)  # the same net, no hooks
     counts = []
     for k in (2, 6):

@@ -13,11 +13,18 @@ import torch
 from conftest import TOL, assert_close, dense_hessian, make_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_operators_dense import _case, dense_hessian_of
+from test_operators_dense import _case, dense_ggn_of, dense_hessian_of
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torch_secorder.operators import HessianOperator
+from torch_secorder.operators import FisherOperator, GGNOperator, HessianOperator
+
+#: (operator, its dense oracle on the whole data set as one batch)
+KINDS = {
+    "hessian": (HessianOperator, dense_hessian_of),
+    "ggn": (GGNOperator, dense_ggn_of),
+    "fisher": (FisherOperator, dense_ggn_of),
+}
 
 DTYPE = torch.float64
 
@@ -32,11 +39,13 @@ def _names(model):
     sizes=st.sampled_from([[3, 3, 1], [2, 2], [4]]),
     kind=st.sampled_from(["mse", "ce"]),
     reduction=st.sampled_from(["mean", "sum"]),
+    op=st.sampled_from(sorted(KINDS)),
 )
-def test_cached_products_match_dense(seed, sizes, kind, reduction):
+def test_cached_products_match_dense(seed, sizes, kind, reduction, op):
     model, loss_fn, batches, X, Y = _case(seed, 2, 3, 2, sizes, kind, reduction)
-    H = HessianOperator(model, loss_fn, batches)
-    dense = dense_hessian_of(model, loss_fn, X, Y, _names(model))
+    cls, oracle = KINDS[op]
+    H = cls(model, loss_fn, batches)
+    dense = oracle(model, loss_fn, X, Y, _names(model))
     eye = torch.eye(H.shape[0], dtype=DTYPE)
     assert_close(H @ eye, dense)  # builds and keeps every batch's graph
     assert len(H._cache) == len(batches)
@@ -45,9 +54,11 @@ def test_cached_products_match_dense(seed, sizes, kind, reduction):
     assert_close(H @ v, dense @ v)
 
 
-def test_parameter_change_rebuilds():
+@pytest.mark.parametrize("op", ["hessian", "ggn"])
+def test_parameter_change_rebuilds(op):
     model, loss_fn, batches, X, Y = _case(0, 2, 3, 2, [3, 2], "mse", "mean")
-    H = HessianOperator(model, loss_fn, batches)
+    cls, dense_hessian_of = KINDS[op]
+    H = cls(model, loss_fn, batches)
     eye = torch.eye(H.shape[0], dtype=DTYPE)
     assert_close(H @ eye, dense_hessian_of(model, loss_fn, X, Y, _names(model)))
     with torch.no_grad():  # an optimizer step
@@ -67,8 +78,10 @@ def test_parameter_change_rebuilds():
     assert_close(H @ eye, dense_hessian_of(model, loss_fn, X, Y, _names(model)))
 
 
-def test_batch_change_and_shuffling_loader():
+@pytest.mark.parametrize("op", ["hessian", "ggn"])
+def test_batch_change_and_shuffling_loader(op):
     model, loss_fn, batches, X, Y = _case(1, 2, 3, 1, [4, 4, 2], "mse", "mean")
+    HessianOperator, dense_hessian_of = KINDS[op]  # noqa: N806
     dense = dense_hessian_of(model, loss_fn, X, Y, _names(model))
     loader = DataLoader(
         TensorDataset(X, Y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)
@@ -93,8 +106,10 @@ def test_batch_change_and_shuffling_loader():
     assert_close(H @ eye, dense_hessian_of(model, loss_fn, X2, Y, _names(model)))
 
 
-def test_block_and_capacity():
+@pytest.mark.parametrize("op", ["hessian", "ggn"])
+def test_block_and_capacity(op):
     model, loss_fn, batches, X, Y = _case(2, 2, 3, 2, [3, 3, 1], "ce", "mean")
+    HessianOperator, dense_hessian_of = KINDS[op]  # noqa: N806
     names = _names(model)
     dense = dense_hessian_of(model, loss_fn, X, Y, names)
     H = HessianOperator(model, loss_fn, batches, cache_batches=1)
@@ -123,11 +138,12 @@ def _dropout_case():
     return model.train(), nn.MSELoss(), data
 
 
-def test_train_mode_dropout_is_one_symmetric_matrix_and_state_kept():
+@pytest.mark.parametrize("op", ["hessian", "ggn"])
+def test_train_mode_dropout_is_one_symmetric_matrix_and_state_kept(op):
     model, loss_fn, data = _dropout_case()
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
-    H = HessianOperator(model, loss_fn, data)
+    H = KINDS[op][0](model, loss_fn, data)
     n = H.shape[0]
     g = torch.Generator().manual_seed(1)
     v = torch.randn(n, dtype=DTYPE, generator=g)
@@ -182,13 +198,17 @@ def test_bad_cache_batches():
         HessianOperator(model, nn.MSELoss(), data, cache_batches=2.0)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "graph", "graph_batched", "vmap"])
+@pytest.mark.parametrize("strategy", ["auto", "graph", "graph_batched", "vmap", "ggn"])
 def test_later_products_run_no_forward_pass(strategy):
     model, loss_fn, batches, X, Y = _case(4, 2, 3, 2, [3, 2], "mse", "sum")
     calls = []
     model[0].register_forward_hook(lambda *args: calls.append(1))
-    H = HessianOperator(model, loss_fn, batches, strategy=strategy)
-    dense = dense_hessian_of(model, loss_fn, X, Y, _names(model))
+    if strategy == "ggn":
+        H = GGNOperator(model, loss_fn, batches)
+        dense = dense_ggn_of(model, loss_fn, X, Y, _names(model))
+    else:
+        H = HessianOperator(model, loss_fn, batches, strategy=strategy)
+        dense = dense_hessian_of(model, loss_fn, X, Y, _names(model))
     eye = torch.eye(H.shape[0], dtype=DTYPE)
     counts = []
     for _ in range(3):
@@ -198,4 +218,6 @@ def test_later_products_run_no_forward_pass(strategy):
     if strategy == "vmap":  # the vmap route re-evaluates the model: nothing kept
         assert len(H._cache) == 0 and counts[1] == counts[2] > 0
     else:
-        assert counts[0] == len(batches) and counts[1:] == [0, 0], counts
+        # (the GGN's first product: the problem's checking pass, then the kept graph's)
+        first = 2 * len(batches) if strategy == "ggn" else len(batches)
+        assert counts[0] == first and counts[1:] == [0, 0], counts

@@ -407,22 +407,43 @@ class LossProblem:
           :math:`\nabla_z \ell(z, y)^\top (J v)` with respect to :math:`z`;
         * :math:`J^\top w`: a backward pass of :math:`z` with cotangent :math:`w`.
         """
+        return self.graph_ggn_rows_fn(loss_fn, targets)(vectors)
+
+    def graph_ggn_rows_fn(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Any
+    ) -> Callable[[list[Tensor]], list[Tensor]]:
+        """:meth:`graph_ggn_rows` as a function of the vectors, on one kept graph.
+
+        The forward pass (and the loss's check) runs here; the returned function runs
+        only the three batched backward passes, keeping the graph for the next call.
+        """
+        tensors = [self.params[i] for i in self.active]
+        loss_on_output = differentiable(loss_fn)
+        used: list[int] = []
+        graph: tuple[Tensor, ...] = ()
+        if self.active:
+            with torch.enable_grad():
+                out = self.loss_closure()
+                with targets_fit(loss_fn, out, targets):  # a target unlike the output
+                    loss = check_loss(loss_on_output(out, targets), "loss_fn(model(x), y)")
+                dummy, pulled = transposed_jacobian(out, tensors)
+                used = [j for j, a in enumerate(pulled) if a is not None and a.requires_grad]
+                if used:
+                    (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
+                    graph = (out, dummy, pulled, g_out)
+        return functools.partial(self._graph_ggn_apply, tensors, used, graph)
+
+    def _graph_ggn_apply(
+        self, tensors: list[Tensor], used: list[int], graph: tuple, vectors: list[Tensor]
+    ) -> list[Tensor]:
         k = vectors[0].shape[0] if vectors else 0
         zeros = [torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) for p in self.primals]
-        if not self.active:
+        if not used:
             return zeros
-        tensors = [self.params[i] for i in self.active]
+        out, dummy, pulled, g_out = graph
         create_graph = self.create_graph
         vectors = [v if create_graph else v.detach() for v in vectors]
-        loss_on_output = differentiable(loss_fn)
         with torch.enable_grad():
-            out = self.loss_closure()
-            with targets_fit(loss_fn, out, targets):  # a target unlike the output: ShapeError
-                loss = check_loss(loss_on_output(out, targets), "loss_fn(model(x), y)")
-            dummy, pulled = transposed_jacobian(out, tensors)
-            used = [j for j, a in enumerate(pulled) if a is not None and a.requires_grad]
-            if not used:
-                return zeros
             (jv,) = torch.autograd.grad(
                 [pulled[j] for j in used],
                 dummy,
@@ -431,7 +452,6 @@ class LossProblem:
                 create_graph=create_graph,
                 is_grads_batched=True,
             )
-            (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
             if not g_out.requires_grad:  # a loss linear in the output
                 return zeros
             (w,) = torch.autograd.grad(
@@ -446,6 +466,7 @@ class LossProblem:
                 out,
                 tensors,
                 grad_outputs=w,
+                retain_graph=True,
                 create_graph=create_graph,
                 allow_unused=True,
                 is_grads_batched=True,

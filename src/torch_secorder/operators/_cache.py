@@ -1,17 +1,20 @@
-r"""The Hessian operator's per-batch cache: a batch's gradient graph, kept across products.
+r"""The Hessian and GGN operators' per-batch cache: a batch's autograd graph, kept across products.
 
 Without a cache every product :math:`A V` rebuilds, for every batch, the engine's
 problem object (:func:`~torch_secorder.core._problem.module_problem`): a checking
 forward pass with its random draws recorded, the user's state saved and restored,
 the loss checked, then a ``create_graph`` gradient and one backward pass per
-vector.  On the autograd-graph routes (``"graph"``, ``"graph_batched"``: the CPU's
-``"auto"``) everything but the last backward pass is the same in every product, so
-:class:`GraphCache` keeps, per batch, the gradient with its graph (and the product
-on it) after the first product, and later products run only the backward passes.
+vector.  Everything but the last backward passes is the same in every product, so
+:class:`GraphCache` keeps, per batch, after the first product: for the Hessian on
+the autograd-graph routes (``"graph"``, ``"graph_batched"``: the CPU's ``"auto"``)
+the gradient with its ``create_graph`` graph; for the GGN (and the exact Fisher)
+the output's graph with :math:`J^\top u` and the loss's output gradient
+(:meth:`~torch_secorder.core._problem.LossProblem.graph_ggn_rows_fn`).  Later
+products run only backward passes on them (``chunk_size`` or 8 vectors at a time).
 
-**What it holds.**  Per cached batch: the autograd graph of the batch's gradient
-(about the memory of a forward and a backward pass with ``create_graph``, that is,
-the activations of the batch about twice) and references to the batch's tensors;
+**What it holds.**  Per cached batch: that autograd graph (about the memory of a
+forward and a backward pass with ``create_graph``, that is, the activations of the
+batch about twice) and references to the batch's tensors;
 for the whole cache, one copy of the parameters and buffers (to detect changes).
 At most ``cache_batches`` batches are cached (the first ones of a pass); the others
 are computed as without a cache.  ``cache_batches=0`` turns the cache off.

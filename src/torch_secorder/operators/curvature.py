@@ -34,11 +34,11 @@ from torch_secorder.approximations._fisher import empirical_sq_sum
 from torch_secorder.approximations.gauss_newton import problem_ggn_diagonal
 from torch_secorder.core._batch_checks import check_batch_device
 from torch_secorder.core._inputs import check_generator, check_num_samples
-from torch_secorder.core._problem import module_problem
+from torch_secorder.core._problem import GRAPH_BATCH, module_problem
 from torch_secorder.core.gvp import model_output_problem
 from torch_secorder.core.hessian_diagonal import active_hessian_diagonal
 from torch_secorder.core.hvp import problem_ggn_matmat
-from torch_secorder.func._tree import tree_ravel
+from torch_secorder.func._tree import tree_ravel, tree_unravel
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 from torch_secorder.operators._cache import DEFAULT_CACHE_BATCHES, GraphCache
@@ -53,7 +53,54 @@ def _flat(values: dict[str, Tensor] | list[Tensor], names: list[str], all_names:
     return torch.cat([by_name[name].reshape(-1) for name in names])
 
 
-class HessianOperator(CurvatureOperator):
+class _GraphCaching(CurvatureOperator):
+    """Keeps each batch's autograd graph across products (see :mod:`._cache`)."""
+
+    _cache: GraphCache
+
+    def __init__(self, *args: Any, cache_batches: int = DEFAULT_CACHE_BATCHES, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if isinstance(cache_batches, bool) or not isinstance(cache_batches, int):
+            raise TypeError(f"cache_batches must be an int, got {type(cache_batches).__name__}")
+        if cache_batches < 0:
+            raise ValueError(f"cache_batches must be >= 0, got {cache_batches}")
+        self._cache = GraphCache(cache_batches)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        self._cache.begin()  # the model's state is checked once per pass
+        return super().matmat(V)
+
+    def block(self, names: Any) -> Any:
+        restricted = super().block(names)
+        restricted._cache = GraphCache(self._cache.capacity)  # its own graphs
+        return restricted
+
+    def _caching(self) -> GraphCache | None:
+        """The cache, for a model operator with room (``from_function`` ones keep none)."""
+        return self._cache if self.function is None and self._cache.capacity > 0 else None
+
+    def _kept_product(
+        self, key: Any, index: int, inputs: Any, targets: Any, V: Tensor
+    ) -> Tensor | None:
+        """``V`` times batch ``index``'s matrix on its kept graph, or ``None`` if none is kept."""
+        cache = self._caching()
+        if cache is None:
+            return None
+        product = cache.lookup(self.model, key, index, inputs, targets)
+        if product is None:
+            return None
+        # Backward passes on a kept graph write nothing of the user's but what autograd
+        # could touch (.grad), kept here.
+        params = list(self.model.parameters())
+        grads = [p.grad for p in params]
+        try:
+            return product(V)
+        finally:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+
+
+class HessianOperator(_GraphCaching):
     r"""The Hessian of the loss over a data set, :math:`H = \sum_b w_b \nabla^2 L_b`.
 
     Products: per batch, the engine's batched Hessian-vector products
@@ -67,6 +114,7 @@ class HessianOperator(CurvatureOperator):
     runs one backward pass per batch, at the parameters' current values (a change of
     the model's parameters, buffers or modes, or of a batch, rebuilds), with the
     dropout masks of the first product (the operator is one fixed symmetric matrix).
+    The model form only (``from_function`` operators rebuild every batch).
 
     Args:
         strategy: How a batch's products are batched (see
@@ -94,29 +142,9 @@ class HessianOperator(CurvatureOperator):
 
     label = "Hessian"
 
-    def __init__(
-        self,
-        *args: Any,
-        strategy: str = "auto",
-        cache_batches: int = DEFAULT_CACHE_BATCHES,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, strategy: str = "auto", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.strategy = strategy
-        if isinstance(cache_batches, bool) or not isinstance(cache_batches, int):
-            raise TypeError(f"cache_batches must be an int, got {type(cache_batches).__name__}")
-        if cache_batches < 0:
-            raise ValueError(f"cache_batches must be >= 0, got {cache_batches}")
-        self._cache = GraphCache(cache_batches)
-
-    def matmat(self, V: Tensor) -> Tensor:
-        self._cache.begin()  # the model's state is checked once per pass
-        return super().matmat(V)
-
-    def block(self, names: Any) -> HessianOperator:
-        restricted = super().block(names)
-        restricted._cache = GraphCache(self._cache.capacity)  # its own graphs
-        return restricted  # type: ignore[return-value]
 
     @classmethod
     def from_function(
@@ -192,20 +220,11 @@ class HessianOperator(CurvatureOperator):
         return module_problem(self.model, self.loss_fn, inputs, targets, only=self.names)
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
-        cache = self._cache if self.function is None and self._cache.capacity > 0 else None
         key = (tuple(self.names), self.strategy, self.chunk_size)
-        if cache is not None:
-            product = cache.lookup(self.model, key, index, inputs, targets)
-            if product is not None:  # the batch's gradient graph, kept (see _cache)
-                # Backward passes on a kept graph: nothing of the user's is written but
-                # what autograd could touch (.grad, requires_grad), kept here.
-                params = list(self.model.parameters())
-                grads = [p.grad for p in params]
-                try:
-                    return product(V)
-                finally:
-                    for p, g in zip(params, grads, strict=True):
-                        p.grad = g
+        kept = self._kept_product(key, index, inputs, targets, V)
+        if kept is not None:
+            return kept
+        cache = self._caching()
         with self._problem(inputs, targets) as problem:
             if not problem.active:
                 return torch.zeros_like(V)
@@ -225,7 +244,7 @@ class HessianOperator(CurvatureOperator):
             return tree_ravel(list(diag))
 
 
-class GGNOperator(CurvatureOperator):
+class GGNOperator(_GraphCaching):
     r"""The generalised Gauss-Newton matrix :math:`G = \sum_b w_b J_b^\top \nabla_z^2 L_b J_b`.
 
     Products: per batch, :func:`~torch_secorder.core.hvp.problem_ggn_matmat`, the
@@ -236,6 +255,11 @@ class GGNOperator(CurvatureOperator):
     :func:`torch_secorder.func.ggn_diagonal`; columns of :math:`J` for a model that
     draws random numbers; the autograd graph where ``torch.func`` refuses it), as
     :func:`~torch_secorder.approximations.gauss_newton_matrix_approximation`.
+
+    The first product keeps each batch's output graph for the later ones, which then
+    run three batched backward passes per batch and no forward pass (``cache_batches``,
+    default 16, 0 for none; model form only; see :class:`HessianOperator` and
+    :mod:`torch_secorder.operators._cache`).
 
     Example:
         >>> import torch
@@ -287,7 +311,7 @@ class GGNOperator(CurvatureOperator):
         """
         if not callable(loss):
             raise TypeError(f"loss must be callable, got {type(loss).__name__}")
-        return cls._of_function(
+        op = cls._of_function(
             FunctionSource(f, params),
             loss,
             data,
@@ -297,6 +321,8 @@ class GGNOperator(CurvatureOperator):
             progress=progress,
             group=group,
         )
+        op._cache = GraphCache(0)  # (its products rebuild every batch)
+        return op
 
     def _output_problem(self, inputs: Any, targets: Any):
         """Batch's output as a problem of the operator's parameters (both forms)."""
@@ -306,8 +332,32 @@ class GGNOperator(CurvatureOperator):
         return model_output_problem(self.model, inputs, False, only=self.names)
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
+        key = (tuple(self.names), "ggn")
+        kept = self._kept_product(key, index, inputs, targets, V)
+        if kept is not None:
+            return kept
+        cache = self._caching()
         with self._output_problem(inputs, targets) as problem:
-            return problem_ggn_matmat(problem, self.loss_fn, targets, V, self.chunk_size)
+            if cache is None or not problem.active or problem.graph_refused():
+                return problem_ggn_matmat(problem, self.loss_fn, targets, V, self.chunk_size)
+            # The product on one autograd graph of the batch (the route of models that
+            # torch.func refuses), kept for the later products.
+            rows = problem.graph_ggn_rows_fn(self.loss_fn, targets)
+            like = list(problem.primals)
+
+            step = self.chunk_size or GRAPH_BATCH
+
+            def product(W: Tensor) -> Tensor:
+                return torch.cat(
+                    [
+                        tree_ravel(rows(list(tree_unravel(W[a:b], like))), batch_dims=1)
+                        for a, b in chunk_ranges(W.shape[0], step)
+                    ]
+                )
+
+            result = product(V)
+            cache.store(self.model, key, index, inputs, targets, product)
+            return result
 
     def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
         with self._output_problem(inputs, targets) as problem:
