@@ -332,7 +332,7 @@ class GGNOperator(_GraphCaching):
         return model_output_problem(self.model, inputs, False, only=self.names)
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
-        key = (tuple(self.names), "ggn")
+        key = (tuple(self.names), "ggn", self.chunk_size)
         kept = self._kept_product(key, index, inputs, targets, V)
         if kept is not None:
             return kept
