@@ -31,7 +31,10 @@ through ``.data`` is seen too.
 **Random draws.**  A cached batch keeps the dropout masks of its first product:
 every later product of the operator sees the same masks (the operator is one fixed
 symmetric matrix) and draws nothing from the global RNG.  Without the cache each
-product draws fresh masks.
+product draws fresh masks, and so does every batch beyond ``cache_batches``: in
+training mode with dropout the operator is one fixed matrix only when all its
+batches are kept.  :meth:`~torch_secorder.operators.base.CurvatureOperator.diagonal`
+and ``trace`` do not use the kept graphs (they draw their own masks).
 """
 
 from __future__ import annotations
