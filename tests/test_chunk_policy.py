@@ -164,3 +164,47 @@ def test_basis_sweep_runs_the_measured_schedule(stub, monkeypatch):
     diag = basis_sweep_diagonal(product, torch.zeros(12, dtype=torch.float64), None)
     torch.testing.assert_close(diag, torch.diagonal(A), rtol=0, atol=1e-14)
     assert len(chunks) == 3  # (0, 2), (2, 7), (7, 12): 0.5 * 10 vectors' memory per chunk
+
+
+def test_kept_graphs_stop_at_the_memory_share(stub, monkeypatch):
+    """On CUDA the operators' kept graphs take at most memory_fraction of the free memory."""
+    from torch_secorder.operators._cache import GraphCache
+
+    reader = stub(free=8 * GIB, per_vector=1)
+    monkeypatch.setattr(_chunks, "_is_cuda", lambda device: device is not None)
+    model = torch.nn.Linear(2, 1)
+    cache = GraphCache(16)
+    kept = []
+    for index in range(6):
+        before = len(cache)
+        cache.store(model, "key", index, torch.randn(3, 2), torch.randn(3, 1), lambda V: V)
+        if len(cache) > before:
+            reader.free_bytes -= 2 * GIB  # each kept graph holds 2 GiB
+        kept.append(len(cache))
+    assert kept == [1, 2, 3, 3, 3, 3]  # 3 graphs: 4 GiB = half of the 8 GiB free at the start
+
+
+def test_operator_with_a_full_device_keeps_fewer_graphs_and_stays_exact(stub, monkeypatch):
+    from torch_secorder.operators import HessianOperator
+
+    monkeypatch.setattr(_chunks, "_is_cuda", lambda device: device is not None)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model = model.double()
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
+    data = data * 1 + [
+        (torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+        for _ in range(4)
+    ]
+    loss_fn = torch.nn.MSELoss()
+    A = HessianOperator(model, loss_fn, data, strategy="graph")
+    reader = stub(free=8 * GIB, per_vector=1)
+    # each kept graph holds 2 GiB of the 8 GiB that were free
+    monkeypatch.setattr(reader, "free", lambda device: 8 * GIB - 2 * GIB * len(A._cache))
+    V = torch.randn(A.shape[0], 3, dtype=torch.float64)
+    first = A @ V
+    assert len(A._cache) == 3  # a 4th graph would take more than half of the 8 GiB
+    again = A @ V
+    reference = HessianOperator(model, loss_fn, data, strategy="graph", cache_batches=0) @ V
+    torch.testing.assert_close(first, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(again, reference, rtol=1e-12, atol=1e-12)

@@ -17,7 +17,12 @@ forward and a backward pass with ``create_graph``, that is, the activations of t
 batch about twice) and references to the batch's tensors;
 for the whole cache, one copy of the parameters and buffers (to detect changes).
 At most ``cache_batches`` batches are cached (the first ones of a pass); the others
-are computed as without a cache.  ``cache_batches=0`` turns the cache off.
+are computed as without a cache.  ``cache_batches=0`` turns the cache off.  On a
+CUDA device the kept graphs may also take at most
+:attr:`~torch_secorder._chunks.ChunkPolicy.memory_fraction` of the memory that was
+free when the first one was kept (read through
+:data:`~torch_secorder._chunks.memory_reader`): a batch whose graph would leave less
+free is computed without keeping it.
 
 **Exactness.**  The cache stands for the operator at the parameters' current
 values: before a batch's cached graph is used, the model's parameters (the very
@@ -44,6 +49,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from torch_secorder import _chunks
 
 __all__ = ["GraphCache", "DEFAULT_CACHE_BATCHES"]
 
@@ -116,6 +123,8 @@ class GraphCache:
         self._state: _ModelState | None = None
         self._key: Any = None
         self._verified = False
+        #: CUDA: the free memory when the first graph was kept (the reserve's base)
+        self._free_at_start: int | None = None
         #: index -> (the batch's tensors, their versions, the product)
         self._entries: dict[int, tuple[list[Tensor], list[int], Callable[[Tensor], Tensor]]] = {}
 
@@ -131,6 +140,21 @@ class GraphCache:
         self._entries = {}
         self._state = None
         self._key = None
+        self._free_at_start = None
+
+    def _room_on(self, device: torch.device | None) -> bool:
+        """Whether one more kept graph fits: always off CUDA; on CUDA while the kept
+        graphs take at most ``memory_fraction`` of the memory free at the first one."""
+        if not _chunks._is_cuda(device):
+            return True
+        free = _chunks.memory_reader.free(device)
+        if self._free_at_start is None:
+            # the first graph is allocated already: what was free before it is about
+            # what is free now plus one graph; the first reading is the base either way
+            self._free_at_start = free
+            return True
+        used = self._free_at_start - free
+        return used <= _chunks.chunk_policy.memory_fraction * self._free_at_start
 
     def lookup(
         self, model: nn.Module, key: Any, index: int, inputs: Any, targets: Any
@@ -180,4 +204,6 @@ class GraphCache:
             self._key = key
             self._verified = True
         tensors = _tensors_of(inputs, targets)
+        if index not in self._entries and not self._room_on(tensors[0].device if tensors else None):
+            return
         self._entries[index] = (tensors, [t._version for t in tensors], product)
