@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from torch_secorder._cli_args import int_at_least, seed_below
 from torch_secorder.core.hessian_diagonal import model_hessian_diagonal
 from torch_secorder.core.hessian_trace import model_hessian_trace, model_hessian_trace_estimate
 
@@ -80,26 +81,9 @@ def _seconds(warm: float, first: float) -> str:
     return f"({warm:.3f} s warm; first call {first:.3f} s)"
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (a bad value is an argparse error, exit status 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    """argparse type: a seed in [0, 2**63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**63), got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**63), got {value}")
-    return value
+#: argparse types (a bad value is an argparse error, exit status 2)
+_positive_int = int_at_least(1)
+_seed = seed_below(2**63)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from torch_secorder._cli_args import int_at_least, positive_float, seed_below
 from torch_secorder.report._default import DEFAULT_TRAIN_STEPS, default_problem
 from torch_secorder.report._loading import (
     LOSSES,
@@ -48,37 +49,10 @@ __all__ = ["build_parser", "main"]
 PROG = "python -m torch_secorder report"
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**63), got {text!r}") from None
-    if not 0 <= value < 2**63 - 16:
-        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**63), got {value}")
-    return value
+_int_at_least = int_at_least
+_positive_float = positive_float
+#: seeds up to 2**63 - 16: each step seeds its own generator with seed + k
+_seed = seed_below(2**63 - 16)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
