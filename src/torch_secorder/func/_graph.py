@@ -510,7 +510,7 @@ class _Backprop:
         r""":math:`\sum_{k,n} s_{kn} (\partial_\theta \langle S_{kn}, z_n\rangle)^2` per role."""
         x = site.bound["input"]
         if site.kind == "linear" and x.dim() == 2:
-            h = torch.einsum("kno,kno,kn->no", s, s, sign)
+            h = torch.einsum("kno,kn->no", s * s, sign)
             out = {}
             if "weight" in site.roles:
                 out["weight"] = h.T @ (x * x)
@@ -631,7 +631,7 @@ def _linear_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[st
         out["weight"] = total
     if "bias" in site.roles:
         b = sr.sum(2)
-        out["bias"] = torch.einsum("kno,kno,kn->o", b, b, sign)
+        out["bias"] = torch.einsum("kno,kn->o", b * b, sign)
     return out
 
 
@@ -648,10 +648,10 @@ def _norm_squares(site: Site, s: Tensor, sign: Tensor) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     if "weight" in site.roles:
         per = (sr * xhat.reshape(1, n, -1, units)).sum(2)
-        out["weight"] = torch.einsum("knu,knu,kn->u", per, per, sign)
+        out["weight"] = torch.einsum("knu,kn->u", per * per, sign)
     if "bias" in site.roles:
         per = sr.sum(2)
-        out["bias"] = torch.einsum("knu,knu,kn->u", per, per, sign)
+        out["bias"] = torch.einsum("knu,kn->u", per * per, sign)
     return out
 
 
@@ -706,11 +706,11 @@ def _conv_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str,
         total = x.new_zeros(groups, c_out // groups, patches.shape[2])
         for lo in range(0, k, chunk):
             per = torch.einsum("kngol,ngjl->kngoj", cols[lo : lo + chunk], patches)
-            total = total + torch.einsum("kngoj,kngoj,kn->goj", per, per, sign[lo : lo + chunk])
+            total = total + torch.einsum("kngoj,kn->goj", per * per, sign[lo : lo + chunk])
         out["weight"] = total.reshape(b["weight"].shape)
     if "bias" in site.roles:
         sums = s.reshape(k, n, c_out, -1).sum(-1)
-        out["bias"] = torch.einsum("kno,kno,kn->o", sums, sums, sign)
+        out["bias"] = torch.einsum("kno,kn->o", sums * sums, sign)
     return out
 
 

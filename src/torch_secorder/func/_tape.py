@@ -15,15 +15,17 @@ diagonal needs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
+from torch.utils._device import DeviceContext
 
-__all__ = ["Call", "TapeMode", "PerturbMode", "iter_tensors", "record"]
+__all__ = ["Call", "TapeMode", "PerturbMode", "iter_tensors", "outside_modes", "record"]
 
 #: Calls that only read metadata; they never carry a derivative.  (A property read,
 #: ``__get__``, is metadata only when it returns no tensor: ``.shape`` and ``.dtype``
@@ -137,3 +139,30 @@ class PerturbMode(TorchFunctionMode):
                 if delta is not None:
                     return out + delta
         return out
+
+
+@contextlib.contextmanager
+def outside_modes() -> Iterator[None]:
+    """Run our own arithmetic on recorded tensors outside the active torch-function modes.
+
+    The modes active when a diagonal is asked for (the state-preserving mode of
+    :mod:`torch_secorder.core`, a user's logging mode) see every evaluation of the
+    user's function; the closed-form arithmetic of the fast routes on the recorded
+    tensors is not the user's code, and a Python mode costs several microseconds
+    per torch call.  The modes are popped for the duration (a ``torch.device``
+    context stays, so that tensors are made where the user asked) and pushed back
+    in their order; modes pushed inside (``differentiable``'s) work as usual.
+    """
+    popped = []
+    while torch._C._len_torch_function_stack() > 0:
+        popped.append(_pop_mode())
+    kept = [m for m in reversed(popped) if isinstance(m, DeviceContext)]
+    for mode in kept:
+        _push_mode(mode)
+    try:
+        yield
+    finally:
+        for _ in kept:
+            _pop_mode()
+        for mode in reversed(popped):
+            _push_mode(mode)

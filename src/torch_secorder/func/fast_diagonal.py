@@ -87,7 +87,7 @@ from torch_secorder.func._chain import chain_diagonal
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._graph import graph_diagonal
 from torch_secorder.func._sites import SITE_FUNCS, Site, make_site
-from torch_secorder.func._tape import Call, PerturbMode, iter_tensors, record
+from torch_secorder.func._tape import Call, PerturbMode, iter_tensors, outside_modes, record
 from torch_secorder.func._tree import PyTree, tree_leaves
 from torch_secorder.func.diagonal import _replace_leaf, basis_sweep_diagonal, leaf_hessian_diagonal
 from torch_secorder.func.hvp import default_chunk_size
@@ -449,9 +449,10 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
     if _tracked(calls, leaves):
         return _sweep_all(problem, chunk_size, progress, plan_only)
     sites: list[Site] = []
-    chained = chain_diagonal(
-        calls, value, leaves, residuals=problem.kind == "hessian", compute=not plan_only
-    )
+    with outside_modes():
+        chained = chain_diagonal(
+            calls, value, leaves, residuals=problem.kind == "hessian", compute=not plan_only
+        )
     if chained is not None:
         for i, d in chained.items():
             routes[i] = "chain"
@@ -460,9 +461,10 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
     else:
         sites = _find_sites(calls, leaves)
         if curved_from is not None:
-            graphed = graph_diagonal(
-                calls, value, sites, curved_from, not plan_only, max_columns=chunk_size
-            )
+            with outside_modes():
+                graphed = graph_diagonal(
+                    calls, value, sites, curved_from, not plan_only, max_columns=chunk_size
+                )
             for i, d in graphed.items():
                 routes[i] = "graph"
                 if d is not None:
