@@ -23,8 +23,10 @@ One process, the same model, loader and vectors for everyone (synthetic data, a
     Top eigenvalue (``which="LA"``) to ``tol=1e-8``: our thick-restart Lanczos
     (:func:`~torch_secorder.linalg.lanczos_eigsh` on ``H.matmat``) against scipy's
     ``eigsh`` on curvlinops' operator (``to_scipy()``), float64, the same start
-    vector; products counted for both, and the relative gap of the two eigenvalues
-    and the true residuals printed.
+    vector; products counted for both.  Twice: the eigenpair to a residual of
+    ``tol`` (both on their residual test), and the eigenvalue to ``tol`` relative
+    (ours on the Kato-Temple bound, ``criterion="eigenvalue"``; eigsh at the
+    loosest tolerance that reaches it, chosen in hindsight).
 
 Times are wall clock and process CPU time (``time.process_time``: the seconds the
 CPU spent on this process, all threads); on a machine shared with other work the
@@ -262,6 +264,17 @@ def section_trace(name: str, args) -> None:
 
 
 def section_eigen(name: str, args) -> None:
+    """Two rows per model: the top eigenpair to a residual of ``tol``; the eigenvalue to ``tol``.
+
+    Row "residual": ours (``criterion="residual"``) against ``eigsh(tol=tol)``, both
+    asked for a relative residual of ``tol`` (the eigenpair).  Row "eigenvalue": the
+    issue's question, the top eigenvalue to ``tol`` relative: ours with
+    ``criterion="eigenvalue"`` (Kato-Temple bound) against ``eigsh`` at the loosest
+    tolerance among ``1e-2, 1e-3, ..., tol`` whose eigenvalue is within ``tol`` of the
+    reference (the residual run's value): eigsh gets its best tolerance chosen in
+    hindsight, which a user could not know.  Both errors against the reference are
+    printed.
+    """
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     model, loss_fn, loader = build(name, args.batch, torch.float64)
@@ -274,15 +287,21 @@ def section_eigen(name: str, args) -> None:
         products[0] += V.shape[0]
         return H.matmat(V)
 
-    def ours():
+    def ours(criterion: str):
         products[0] = 0
-        return lanczos_eigsh(counted, n, 1, which="LA", tol=args.tol, v0=v0)
+        return lanczos_eigsh(counted, n, 1, which="LA", tol=args.tol, v0=v0, criterion=criterion)
 
-    wall_o, cpu_o, res = measure(ours)
+    wall_o, cpu_o, res = measure(lambda: ours("residual"))
     mv_o, value_o = products[0], float(res.eigenvalues[0])
     vec_o = res.eigenvectors[0]
-    line = f"{name} n={n:,} top eigenvalue {value_o:.12g}: ours {mv_o} products {fmt(wall_o)}"
-    line += f" (cpu {fmt(cpu_o)})"
+    print(f"{name} n={n:,} top eigenvalue {value_o:.12g} (reference)", flush=True)
+    line = f"  residual {args.tol:g}: ours {mv_o} products {fmt(wall_o)} (cpu {fmt(cpu_o)})"
+    wall_v, cpu_v, res_v = measure(lambda: ours("eigenvalue"))
+    mv_v, value_v = products[0], float(res_v.eigenvalues[0])
+    line_v = (
+        f"  eigenvalue {args.tol:g}: ours {mv_v} products {fmt(wall_v)} (cpu {fmt(cpu_v)})"
+        f" error {abs(value_v - value_o) / abs(value_o):.1e}"
+    )
     if load_curvlinops():
         scipy_op = curvlinops_operator(model, loss_fn, loader).to_scipy(np.float64)
         calls = [0]
@@ -292,9 +311,12 @@ def section_eigen(name: str, args) -> None:
             return scipy_op.matvec(x)
 
         op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
-        wall_e, cpu_e, (vals, vecs) = measure(
-            lambda: eigsh(op, k=1, which="LA", tol=args.tol, v0=v0.numpy())
-        )
+
+        def run_eigsh(tol: float):
+            calls[0] = 0
+            return eigsh(op, k=1, which="LA", tol=tol, v0=v0.numpy())
+
+        wall_e, cpu_e, (vals, vecs) = measure(lambda: run_eigsh(args.tol))
         value_e = float(vals[0])
         vec_e = torch.from_numpy(np.ascontiguousarray(vecs[:, 0]))
         true = [
@@ -307,7 +329,20 @@ def section_eigen(name: str, args) -> None:
             f" (cpu x{cpu_e / cpu_o:.2f}) | rel gap {abs(value_o - value_e) / abs(value_e):.1e}"
             f" | residual ours {true[0]:.1e}, eigsh {true[1]:.1e}"
         )
+        tols = [t for t in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7) if t > args.tol] + [args.tol]
+        for tol in tols:
+            wall_t, cpu_t, (vals_t, _) = measure(lambda tol=tol: run_eigsh(tol))
+            error = abs(float(vals_t[0]) - value_o) / abs(value_o)
+            if error <= args.tol:
+                break
+        line_v += (
+            f" | eigsh(tol={tol:g}) on curvlinops: {calls[0]} products {fmt(wall_t)}"
+            f" (cpu {fmt(cpu_t)}) error {error:.1e}"
+            f" | products x{calls[0] / mv_v:.2f}, time x{wall_t / wall_v:.2f}"
+            f" (cpu x{cpu_t / cpu_v:.2f})"
+        )
     print(line, flush=True)
+    print(line_v, flush=True)
 
 
 def main() -> None:

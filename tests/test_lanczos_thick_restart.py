@@ -235,3 +235,80 @@ def test_fewer_products_than_scipy_eigsh(which, k):
     ours = lanczos_eigsh(lambda V: V @ A, 500, k, which=which, tol=1e-8, v0=v0)
     assert bool(ours.converged.all())
     assert ours.iterations < eigsh_matvecs(A, k, which, 1e-8, v0)
+
+
+# ----------------------------------------------------------------- criterion="eigenvalue"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 120),
+    which=st.sampled_from(["LA", "SA", "LM"]),
+    k=st.integers(1, 4),
+    gap=st.sampled_from([1e-2, 0.1, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_eigenvalue_criterion_meets_tol_on_the_eigenvalue(n, which, k, gap, seed):
+    """Each returned eigenvalue within tol (relative) of the true one it stands for."""
+    k = min(k, n)
+    g = torch.Generator().manual_seed(seed)
+    # wanted end well separated by ``gap`` (relative), bulk below it
+    bulk = torch.rand(n, generator=g, dtype=DT)
+    values = torch.where(torch.arange(n) < k, 1 + gap * (1 + torch.arange(n, dtype=DT)), bulk)
+    if which == "SA":
+        values = -values
+    A = with_spectrum(values, seed)
+    tol = 1e-8
+    res = lanczos_eigsh(
+        lambda V: V @ A,
+        n,
+        k,
+        which=which,
+        tol=tol,
+        dtype=DT,
+        criterion="eigenvalue",
+        generator=torch.Generator().manual_seed(seed),
+        max_iter=50 * n,
+    )
+    assert bool(res.converged.all())
+    expected = wanted(torch.linalg.eigvalsh(A), k, which)
+    got = res.eigenvalues
+    if which == "LM":
+        got, expected = got.abs(), expected.abs()
+    scale = expected.abs().clamp_min(math.sqrt(EPS) * float(values.abs().max()))
+    assert bool(((got - expected).abs() <= tol * scale + 64 * EPS * values.abs().max()).all())
+    # the reported residuals are the true ones
+    R = res.eigenvectors @ A - res.eigenvalues[:, None] * res.eigenvectors
+    torch.testing.assert_close(res.residuals, R.norm(dim=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_eigenvalue_criterion_costs_fewer_products_than_the_residual(k):
+    A = hessian_like(500)
+    v0 = torch.randn(500, generator=torch.Generator().manual_seed(1), dtype=DT)
+    on_value = lanczos_eigsh(
+        lambda V: V @ A, 500, k, which="LA", tol=1e-8, v0=v0, criterion="eigenvalue"
+    )
+    on_residual = lanczos_eigsh(lambda V: V @ A, 500, k, which="LA", tol=1e-8, v0=v0)
+    assert on_value.iterations < on_residual.iterations
+    top = torch.linalg.eigvalsh(A).flip(0)[:k]
+    assert bool(((on_value.eigenvalues - top).abs() <= 1e-8 * top.abs()).all())
+    # ... and fewer than scipy's eigsh at its cheapest tolerance giving the same accuracy
+    assert on_value.iterations < min(
+        eigsh_matvecs(A, k, "LA", tol, v0)
+        for tol in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+        if scipy_eigenvalue_error(A, k, tol, v0) <= 1e-8
+    )
+
+
+def scipy_eigenvalue_error(A: torch.Tensor, k: int, tol: float, v0: torch.Tensor) -> float:
+    from scipy.sparse.linalg import eigsh
+
+    vals = eigsh(A.numpy(), k=k, which="LA", tol=tol, v0=v0.numpy(), return_eigenvectors=False)
+    top = torch.linalg.eigvalsh(A).flip(0)[:k].numpy()
+    return float(np.max(np.abs(np.sort(vals)[::-1] - top) / np.abs(top)))
+
+
+def test_bad_criterion():
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        lanczos_eigsh(lambda V: V, 5, 1, criterion="value")

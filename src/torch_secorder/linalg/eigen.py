@@ -16,7 +16,8 @@ Both select eigenvalues by ``which``:
 * ``"LA"``: largest algebraic, decreasing;
 * ``"SA"``: smallest algebraic (most negative), increasing.
 
-Convergence is judged on the residual of each Ritz pair :math:`(\theta, y)`,
+Convergence is judged, by default (``criterion="residual"``), on the residual of
+each Ritz pair :math:`(\theta, y)`,
 :math:`\|A y - \theta y\| \le \mathrm{tol}\cdot\max(|\theta|, \sqrt{\varepsilon}\,
 \|A\|_{\mathrm{est}})`, with :math:`\varepsilon` the machine epsilon of the dtype
 and :math:`\|A\|_{\mathrm{est}}` the largest Ritz value in magnitude.  :func:`lanczos_eigsh` also
@@ -26,6 +27,22 @@ can be computed: a zero eigenvalue with ``which="LM"`` and ``k = n``).  For a
 symmetric matrix an eigenvalue of :math:`A` lies within the residual of every
 Ritz value, and the error of a well separated Ritz value is of order
 :math:`\|r\|^2 / \mathrm{gap}`.
+
+With ``criterion="eigenvalue"`` (:func:`lanczos_eigsh` only) the *eigenvalue* is
+what must meet the tolerance, by the Kato-Temple bound: if no other eigenvalue
+lies within :math:`\delta` of :math:`\theta`, the eigenvalue :math:`\lambda`
+nearest to it satisfies :math:`|\lambda - \theta| \le \|r\|^2 / \delta`
+(Parlett, *The Symmetric Eigenvalue Problem*, Thm. 10.5.1).  The gap
+:math:`\delta` is estimated from the other Ritz pairs,
+:math:`\delta_i = \min_{j \ne i} (|\theta_i - \theta_j| - \|r_j\|)` (each
+:math:`\theta_j` has an eigenvalue within :math:`\|r_j\|`); a pair converges
+when :math:`\|r\|^2 / \delta \le \mathrm{tol}\cdot|\theta|` with
+:math:`\|r\| < \delta` (and the same floors as above).  The residual needed is
+then about :math:`\sqrt{\mathrm{tol}\cdot|\theta|\,\delta}`, far from
+:math:`\mathrm{tol}\cdot|\theta|`: the eigenvalue to ``tol`` costs fewer
+products, the eigenvector is then only accurate to about
+:math:`\|r\| / \delta`.  As with every Krylov method, an eigenvalue the start
+vector does not see (or the gap to one not yet found) is beyond any estimate.
 """
 
 from __future__ import annotations
@@ -46,6 +63,9 @@ Matmat = Callable[[Tensor], Tensor]
 
 #: Accepted values of ``which``.
 WHICH = ("LM", "LA", "SA")
+
+#: Accepted values of ``criterion`` (:func:`lanczos_eigsh`).
+CRITERIA = ("residual", "eigenvalue")
 
 #: Residuals below this many machine epsilons times the norm estimate count as converged.
 ROUNDING_FLOOR = 64
@@ -246,6 +266,7 @@ def lanczos_eigsh(
     v0: Tensor | None = None,
     ncv: int | None = None,
     block_size: int = 1,
+    criterion: str = "residual",
 ) -> EigenResult:
     r"""``k`` extreme eigenpairs of a symmetric matrix by thick-restart (block) Lanczos.
 
@@ -300,11 +321,16 @@ def lanczos_eigsh(
             ``min(n, max(2k + 20 + block_size, 3k + 2 block_size, 50))``); at least
             ``k + 2 * block_size`` unless it is ``n``.
         block_size: Number of vectors multiplied at once (block Lanczos).
+        criterion: What ``tol`` bounds: ``"residual"`` (the relative residual of
+            each pair, as scipy's ``eigsh``) or ``"eigenvalue"`` (the relative
+            error of each eigenvalue by the Kato-Temple bound
+            :math:`\|r\|^2/\delta`, see the module doc; fewer products when
+            only the eigenvalues are wanted).
 
     Returns:
         An :class:`EigenResult`; ``residuals`` are the true residual norms
         :math:`\|A y - \theta y\|` of the returned pairs, ``converged`` whether each
-        meets the tolerance, ``iterations`` the products with ``A``.
+        meets the tolerance (on ``criterion``), ``iterations`` the products with ``A``.
 
     Example:
         >>> import torch
@@ -315,10 +341,24 @@ def lanczos_eigsh(
         >>> res = lanczos_eigsh(lambda V: V @ A, 4, 1, which="LA", dtype=torch.float64)
         >>> round(float(res.eigenvalues[0]), 10), bool(res.converged[0])
         (3.0, True)
+
+        Only the eigenvalue, to ``1e-8`` relative:
+
+        >>> A = torch.diag(torch.linspace(0.0, 1.0, 200, dtype=torch.float64))
+        >>> ones = torch.ones(200, dtype=torch.float64)
+        >>> on_value = lanczos_eigsh(lambda V: V @ A, 200, 1, which="LA", tol=1e-8,
+        ...                          criterion="eigenvalue", v0=ones)
+        >>> on_residual = lanczos_eigsh(lambda V: V @ A, 200, 1, which="LA", tol=1e-8, v0=ones)
+        >>> abs(float(on_value.eigenvalues[0]) - 1.0) < 1e-8
+        True
+        >>> on_value.iterations < on_residual.iterations
+        True
     """
     check_generator(generator, device)
     _check_common(dim, k, tol)
     _check_which(which)
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     check_count(block_size, "block_size")
     b = min(block_size, dim)
     if ncv is None:
@@ -365,15 +405,31 @@ def lanczos_eigsh(
     anorm = 0.0
     matvecs = 0
 
-    def wanted_ritz() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def wanted_ritz() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         Hm = H[:m, :m]
         theta, S = torch.linalg.eigh((Hm + Hm.T) / 2)
         idx = _select(theta, min(k, m), which)
-        return theta, S, idx, (coupling @ S[:, idx]).norm(dim=0)
+        est = (coupling @ S).norm(dim=0) if coupling.numel() else torch.zeros_like(theta)
+        return theta, S, idx, est[idx], est
 
     def bound(theta: Tensor) -> Tensor:
         relative = tol * torch.clamp(theta.abs(), min=math.sqrt(eps) * anorm)
         return torch.clamp(relative, min=ROUNDING_FLOOR * eps * anorm)
+
+    def met(theta: Tensor, idx: Tensor, res: Tensor, others: Tensor) -> Tensor:
+        """Whether the wanted pairs ``idx`` (residuals ``res``) meet the criterion."""
+        limit = bound(theta[idx]).to(res)
+        if criterion == "residual":
+            return res <= limit
+        # Kato-Temple: |lambda - theta_i| <= r_i^2 / delta_i, delta_i estimated from
+        # the other Ritz values and their residual estimates ``others``.
+        gaps = (theta[idx, None] - theta[None, :]).abs() - others[None, :]
+        gaps[torch.arange(idx.numel()), idx] = math.inf
+        if theta.numel() == 1:  # no other Ritz value: no estimate of the gap
+            return res <= ROUNDING_FLOOR * eps * anorm
+        delta = gaps.min(dim=1).values.to(res)
+        floor = ROUNDING_FLOOR * eps * anorm
+        return (res <= floor) | ((res < delta) & (res.square() <= limit * delta))
 
     def true_pairs(theta: Tensor, S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         St = S.T.to(dtype=dtype, device=device)
@@ -426,16 +482,16 @@ def lanczos_eigsh(
             V[m : m + t] = Q
             coupling = torch.zeros(t, m, dtype=torch.float64)
             coupling[:, m - use :] = R.to(dtype=torch.float64, device="cpu")
-        theta, S, idx, est = wanted_ritz()
+        theta, S, idx, est, est_all = wanted_ritz()
         anorm = max(
             anorm,
             float(theta.abs().max()),
             float(coupling.abs().max()) if coupling.numel() else 0.0,
         )
         done = t == 0 or matvecs >= max_iter
-        if not done and not breakdown and m >= k and bool((est <= bound(theta[idx])).all()):
+        if not done and not breakdown and m >= k and bool(met(theta, idx, est, est_all).all()):
             _, res, _ = true_pairs(theta[idx], S[:, idx])
-            done = bool((res.cpu() <= bound(theta[idx])).all())
+            done = bool(met(theta, idx, res.cpu().to(torch.float64), est_all).all())
         if done:
             break
         grow = min(b, dim - m - t)  # rows the next step adds
@@ -450,9 +506,9 @@ def lanczos_eigsh(
             H[:keep, :keep] = torch.diag(theta[order])
             coupling = coupling @ Sk
             m = keep
-    theta, S, idx, _ = wanted_ritz()
+    theta, S, idx, _, est_all = wanted_ritz()
     vectors, residuals, values = true_pairs(theta[idx], S[:, idx])
-    converged = residuals <= bound(theta[idx]).to(dtype=dtype, device=device)
+    converged = met(theta, idx, residuals.cpu().to(torch.float64), est_all).to(device)
     return EigenResult(values, vectors, residuals, converged, matvecs)
 
 
