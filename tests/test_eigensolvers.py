@@ -286,3 +286,69 @@ def test_model_eigenvalues_return_info_against_dense_hessian(method):
     assert not bool(info.converged.all())
     with pytest.warns(RuntimeWarning, match="did not reach"):
         model_eigenvalues(model, loss_of_model, x, y, 2, method, 2, 1e-12, which="LA")
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(["LA", "SA"]))
+def test_model_eigenvalues_on_the_eigenvalue_criterion(seed, which):
+    """``criterion="eigenvalue"``: the eigenvalues to tol (relative) against the dense Hessian."""
+    model, x, y = mlp(seed, 4, 6, 3, 12)
+    H = dense_hessian(model, x, y)
+    eigs = torch.linalg.eigvalsh(H)
+    n = H.shape[0]
+    vals, _, info = model_eigenvalues(
+        model,
+        loss_of_model,
+        x,
+        y,
+        2,
+        "lanczos",
+        10 * n,
+        1e-9,
+        which=which,
+        generator=torch.Generator().manual_seed(seed),
+        return_info=True,
+        criterion="eigenvalue",
+    )
+    assert bool(info.converged.all())
+    expected = wanted(eigs, 2, which)
+    scale = float(eigs.abs().max())
+    torch.testing.assert_close(vals, expected, rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_eigenvalue_criterion_in_lanczos_and_its_errors():
+    A, eigs = planted()
+    vals, _, on_value = lanczos(
+        lambda v: A @ v,
+        300,
+        300,
+        2,
+        1e-10,
+        "cpu",
+        dtype=DT,
+        return_info=True,
+        criterion="eigenvalue",
+        generator=torch.Generator().manual_seed(0),
+    )
+    _, _, on_residual = lanczos(
+        lambda v: A @ v,
+        300,
+        300,
+        2,
+        1e-10,
+        "cpu",
+        dtype=DT,
+        return_info=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(vals, wanted(eigs, 2, "LM"), rtol=1e-10, atol=0)
+    assert on_value.matvecs < on_residual.matvecs
+    with pytest.warns(RuntimeWarning, match="relative eigenvalue error"):
+        lanczos(lambda v: A @ v, 300, 4, 2, 1e-10, "cpu", dtype=DT, criterion="eigenvalue")
+    model, x, y = mlp(0, 2, 3, 1, 4)
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        model_eigenvalues(model, loss_of_model, x, y, criterion="value")
+    with pytest.raises(ValueError, match="needs method='lanczos'"):
+        model_eigenvalues(
+            model, loss_of_model, x, y, method="power_iteration", criterion="eigenvalue"
+        )

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch_secorder.analysis._model_hessian import model_hessian
 from torch_secorder.core._inputs import check_chunk_size, check_module, check_positive_int
 from torch_secorder.core.hessian_diagonal import NO_BATCH
-from torch_secorder.linalg.eigen import EigenResult, lanczos_eigsh, subspace_iteration
+from torch_secorder.linalg.eigen import CRITERIA, EigenResult, lanczos_eigsh, subspace_iteration
 
 __all__ = [
     "EigenInfo",
@@ -79,7 +79,13 @@ class _Counted:
 
 
 def _finish(
-    name: str, res: EigenResult, matvecs: int, tol: float, return_info: bool, *items: Any
+    name: str,
+    res: EigenResult,
+    matvecs: int,
+    tol: float,
+    return_info: bool,
+    *items: Any,
+    criterion: str = "residual",
 ) -> tuple:
     """``items`` plus an :class:`EigenInfo` if asked, else a warning when not converged."""
     info = EigenInfo(res.residuals, res.converged, matvecs)
@@ -87,9 +93,10 @@ def _finish(
         return (*items, info)
     if not bool(res.converged.all()):
         missing = int((~res.converged).sum())
+        what = "relative residual" if criterion == "residual" else "relative eigenvalue error"
         warnings.warn(
             f"{name}: {missing} of {res.converged.shape[0]} eigenpairs did not reach the "
-            f"relative residual tol={tol} within num_iterations (largest residual "
+            f"{what} tol={tol} within num_iterations (largest residual "
             f"{float(res.residuals.max()):.3g}); raise num_iterations or pass "
             "return_info=True to get the residuals and converged flags",
             RuntimeWarning,
@@ -201,6 +208,7 @@ def lanczos(
     dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     return_info: bool = False,
+    criterion: str = "residual",
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, EigenInfo]:
     r"""Top ``num_vectors`` eigenpairs of a symmetric matrix by Lanczos (full reorthogonalisation).
 
@@ -219,6 +227,10 @@ def lanczos(
         generator: Source of the random start vector.
         return_info: Also return an :class:`EigenInfo` (residuals, converged
             flags, products used).
+        criterion: What ``tol`` bounds: ``"residual"`` (the relative residual of
+            each pair) or ``"eigenvalue"`` (each eigenvalue's relative error, by the
+            Kato-Temple bound; fewer products when only the values matter). See
+            :func:`~torch_secorder.linalg.eigen.lanczos_eigsh`.
 
     Returns:
         ``(eigenvalues, eigenvectors)``: ``(num_vectors,)`` and ``(dim, num_vectors)``;
@@ -269,9 +281,17 @@ def lanczos(
         dtype=dtype,
         device=_default_device(device),
         generator=generator,
+        criterion=criterion,
     )
     return _finish(
-        "lanczos", res, counted.count, tol, return_info, res.eigenvalues, res.eigenvectors.T
+        "lanczos",
+        res,
+        counted.count,
+        tol,
+        return_info,
+        res.eigenvalues,
+        res.eigenvectors.T,
+        criterion=criterion,
     )
 
 
@@ -298,6 +318,7 @@ def model_eigenvalues(
     progress: bool = True,
     return_info: bool = False,
     group: Any = None,
+    criterion: str = "residual",
 ) -> tuple[Tensor, list[list[Tensor]]] | tuple[Tensor, list[list[Tensor]], EigenInfo]:
     r"""Extreme eigenpairs of the Hessian of a model's loss w.r.t. its parameters.
 
@@ -357,6 +378,11 @@ def model_eigenvalues(
             Hessian that of the union of the ranks' shards, the same result on every
             rank (the random start drawn alike: ``generator`` seeded identically, or
             ``None`` for rank 0's seed); see :doc:`/distributed`.
+        criterion: ``method="lanczos"`` only: what ``tol`` bounds, ``"residual"``
+            (each pair's relative residual) or ``"eigenvalue"`` (each eigenvalue's
+            relative error by the Kato-Temple bound :math:`\|r\|^2/\delta`, see
+            :func:`~torch_secorder.linalg.eigen.lanczos_eigsh`): for sharpness, the
+            eigenvalue to ``tol`` at fewer products.
 
     Returns:
         ``(eigenvalues, eigenvectors)``: a ``(num_eigenvalues,)`` tensor and a
@@ -403,6 +429,14 @@ def model_eigenvalues(
     check_positive_int(num_eigenvalues, "num_eigenvalues")
     check_positive_int(num_iterations, "num_iterations")
     check_chunk_size(chunk_size)
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if criterion != "residual" and method.lower() != "lanczos":
+        raise ValueError(
+            f"criterion={criterion!r} needs method='lanczos' (power iteration stops on the "
+            f"residual), got method={method!r}"
+        )
+    options = {"criterion": criterion} if method.lower() == "lanczos" else {}
     with model_hessian(
         model,
         loss_fn,
@@ -427,6 +461,7 @@ def model_eigenvalues(
             dtype=H.dtype,
             device=H.device,
             generator=H.shared(generator),
+            **options,
         )
         vectors = [H.as_params(row) for row in res.eigenvectors]
     values = res.eigenvalues
@@ -435,7 +470,9 @@ def model_eigenvalues(
         vectors = [[t.to(device) for t in vec] for vec in vectors]
         res = res._replace(residuals=res.residuals.to(device), converged=res.converged.to(device))
     method_name = "power_iteration" if method.lower() == "power_iteration" else "lanczos"
-    return _finish(method_name, res, counted.count, tol, return_info, values, vectors)
+    return _finish(
+        method_name, res, counted.count, tol, return_info, values, vectors, criterion=criterion
+    )
 
 
 #: 0.0.1's other name for :func:`model_eigenvalues`.
