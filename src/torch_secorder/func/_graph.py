@@ -66,7 +66,7 @@ from torch_secorder.func._rules import (
     substituted,
 )
 from torch_secorder.func._sites import Site
-from torch_secorder.func._tape import Call, iter_tensors
+from torch_secorder.func._tape import Call
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 
 __all__ = ["graph_diagonal"]
@@ -93,7 +93,7 @@ class _Step:
 
     @property
     def outs(self) -> list[Tensor]:
-        return list(iter_tensors(self.call.out))
+        return self.call.outputs()
 
     _jac: Tensor | None = None
 
@@ -111,6 +111,10 @@ class _Step:
                 found = elementwise_derivatives(
                     self.call, self.active[0], self.rule.piecewise_linear
                 )
+            if found is None:
+                closed = self.rule.diagonal_jacobian(self.call, self.active)
+                if closed is not None:
+                    found = (closed,)
             if found is None:
                 self._jac = self.vjp_fn()(torch.ones_like(self.call.out))[0]
             else:
@@ -521,6 +525,8 @@ class _Backprop:
             return _linear_squares(site, s, sign, self.budget)
         if site.kind in ("layer_norm", "rms_norm"):
             return _norm_squares(site, s, sign)
+        if site.kind in ("batch_norm", "group_norm"):
+            return _channel_squares(site, s, sign)
         if site.kind == "embedding" and site.bound["padding_idx"] is None:
             return _embedding_squares(site, s, sign, self.budget)
         if site.kind == "conv" and site.call.func in (F.conv1d, F.conv2d):
@@ -652,6 +658,21 @@ def _norm_squares(site: Site, s: Tensor, sign: Tensor) -> dict[str, Tensor]:
     if "bias" in site.roles:
         per = sr.sum(2)
         out["bias"] = torch.einsum("knu,kn->u", per * per, sign)
+    return out
+
+
+def _channel_squares(site: Site, s: Tensor, sign: Tensor) -> dict[str, Tensor]:
+    """Per-sample squares of a batch/group norm's affine part (one weight per channel)."""
+    xhat = site._xhat()
+    k, n, c = s.shape[0], xhat.shape[0], xhat.shape[1]
+    sr = s.reshape(k, n, c, -1)
+    out: dict[str, Tensor] = {}
+    if "weight" in site.roles:
+        per = (sr * xhat.reshape(1, n, c, -1)).sum(3)
+        out["weight"] = torch.einsum("knc,kn->c", per * per, sign)
+    if "bias" in site.roles:
+        per = sr.sum(3)
+        out["bias"] = torch.einsum("knc,kn->c", per * per, sign)
     return out
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torch_secorder.func._tape import Call, iter_tensors
+from torch_secorder.func._tape import Call
 
 __all__ = ["Rule", "RULES", "rule_for", "Residual", "elementwise_derivatives"]
 
@@ -95,7 +95,7 @@ def _dims(dim, ndim: int) -> list[int] | None:
 
 def _aligned(call: Call, active: list[Tensor], n: int) -> bool:
     """Every active input and every output has the leading axis ``n`` in front."""
-    outs = list(iter_tensors(call.out))
+    outs = call.outputs()
     if not outs or any(o.dim() == 0 or o.shape[0] != n for o in outs):
         return False
     ndim = outs[0].dim()
@@ -138,6 +138,11 @@ class Rule:
         result per active input, or ``None`` (then ``torch.func.vjp``, vmapped)."""
         return None
 
+    def diagonal_jacobian(self, call: Call, active: list[Tensor]) -> Tensor | None:
+        """The Jacobian's diagonal (shaped like the output) of an elementwise call in
+        closed form, or ``None`` (then a vector-Jacobian product with ones)."""
+        return None
+
 
 class Linear(Rule):
     """A call linear in its active inputs (shape changes, sums, pooling, ...)."""
@@ -176,6 +181,27 @@ class Pointwise(Rule):
 
     def residual(self, call, active, g_out):
         return _dense_residual(call, active, g_out)
+
+    def diagonal_jacobian(self, call, active):
+        (x,) = active
+        args = call.args
+        if call.kwargs or not 1 <= len(args) <= 2 or sum(a is x for a in args) != 1:
+            return None
+        out = call.out
+        other = args[1] if args[0] is x else args[0] if len(args) == 2 else None
+        name = call.name
+        if self.kind == "neg":
+            return torch.full_like(out, -1.0)
+        if self.kind == "add":
+            minus = (
+                name in ("sub", "__sub__") and x is args[1] or name == "__rsub__" and x is args[0]
+            )
+            return torch.full_like(out, -1.0 if minus else 1.0)
+        if self.kind == "mul" and other is not None:
+            return torch.zeros_like(out) + other
+        if self.kind == "div" and x is args[0] and other is not None:
+            return torch.zeros_like(out) + 1.0 / other
+        return None
 
     def fast_vjp(self, call, active, cols):
         out = call.out
@@ -499,6 +525,22 @@ class Norm(Rule):
     def is_elementwise(self, call, active):
         return self.kind == "batch_norm" and _same_shape(call, active)
 
+    def diagonal_jacobian(self, call, active):
+        r"""Eval batch norm: the weight over :math:`\sqrt{\text{running var} + \epsilon}`."""
+        x = active[0]
+        var, weight = _arg(call, 2, "running_var"), _arg(call, 3, "weight")
+        eps = _arg(call, 7, "eps", 1e-5)
+        if self.kind != "batch_norm" or not isinstance(var, Tensor) or x.dim() < 2:
+            return None
+        scale = (var + eps).rsqrt()
+        if isinstance(weight, Tensor):
+            scale = scale * weight
+        elif weight is not None:
+            return None
+        shape = [1] * x.dim()
+        shape[1] = -1
+        return torch.zeros_like(call.out) + scale.reshape(shape)
+
     def residual_ok(self, call, active):
         return _dense_ok(active)
 
@@ -517,6 +559,9 @@ class Dropout(Rule):
         if (training and p != 0) or _arg(call, 3, "inplace", False):
             return None
         return super().samples(call, active, kinds, n)
+
+    def diagonal_jacobian(self, call, active):
+        return torch.ones_like(call.out)
 
 
 class Shape(Rule):
@@ -537,7 +582,7 @@ class Shape(Rule):
                 return None
         elif not self.check(call, None):
             return None
-        outs = list(iter_tensors(call.out))
+        outs = call.outputs()
         if any(o is a for o in outs for a in active):
             return None  # in place (``unsqueeze_``): the recorded input is gone
         if all(k == BATCHED for k in kinds) and all(o.dim() > 0 and o.shape[0] == n for o in outs):
@@ -613,7 +658,7 @@ class Moves(Rule):
         x, axis = active[0], _axis(kinds[0])
         if axis is None or _inplace(call):
             return None
-        outs = list(iter_tensors(call.out))
+        outs = call.outputs()
         name, ndim = call.name, x.dim()
         if name == "permute":
             dims = call.args[1:] if len(call.args) > 2 else _arg(call, 1, "dims")

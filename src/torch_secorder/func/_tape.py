@@ -92,7 +92,18 @@ class Call:
         return getattr(self.func, "__name__", repr(self.func))
 
     def tensor_inputs(self) -> list[Tensor]:
-        return list(iter_tensors((self.args, self.kwargs)))
+        """The tensors among the arguments (computed once: the tape is read many times)."""
+        found = self.__dict__.get("_inputs")
+        if found is None:
+            found = self.__dict__["_inputs"] = list(iter_tensors((self.args, self.kwargs)))
+        return found
+
+    def outputs(self) -> list[Tensor]:
+        """The tensors in the output (computed once)."""
+        found = self.__dict__.get("_outputs")
+        if found is None:
+            found = self.__dict__["_outputs"] = list(iter_tensors(self.out))
+        return found
 
 
 class TapeMode(TorchFunctionMode):

@@ -87,7 +87,7 @@ from torch_secorder.func._chain import chain_diagonal
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._graph import graph_diagonal
 from torch_secorder.func._sites import SITE_FUNCS, Site, make_site
-from torch_secorder.func._tape import Call, PerturbMode, iter_tensors, outside_modes, record
+from torch_secorder.func._tape import Call, PerturbMode, outside_modes, record
 from torch_secorder.func._tree import PyTree, tree_leaves
 from torch_secorder.func.diagonal import _replace_leaf, basis_sweep_diagonal, leaf_hessian_diagonal
 from torch_secorder.func.hvp import default_chunk_size
@@ -275,7 +275,7 @@ def _feeders(calls: list[Call], sites: list[Site]) -> list[set[int]]:
             feeders[s] = {k for k in range(len(sites)) if mask >> k & 1}
             mask |= 1 << s
         if mask:
-            for t in iter_tensors(call.out):
+            for t in call.outputs():
                 masks[id(t)] = mask
     return feeders
 
