@@ -16,7 +16,12 @@ from hypothesis import strategies as st
 
 import torch_secorder.func.diagonal as func_diagonal
 import torch_secorder.func.fast_diagonal as fast_diagonal
-from torch_secorder.operators import FisherOperator, GGNOperator, HessianOperator
+from torch_secorder.operators import (
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+)
 
 DTYPE = torch.float64
 
@@ -134,6 +139,95 @@ def test_ggn_from_function_equals_dense_ggn_of_all_data(case, seed):
     )
     _check(G, dense_ggn(params, list(params), kind, reduction, everything), seed)
     _check(G.block("w1"), dense_ggn(params, ["w1"], kind, reduction, everything), seed)
+
+
+def dense_empirical_fisher(f, params, names, reduction, everything):
+    """``(1/N) sum_i g_i g_i^T`` (``"sum"``: the sum), ``g_i`` the gradient of ``f`` on sample i."""
+    X, Y = everything
+    rows = []
+    for i in range(X.shape[0]):
+
+        def loss(flat, i=i):
+            point, start = dict(params), 0
+            for name in names:
+                t = params[name]
+                point[name] = flat[start : start + t.numel()].reshape(t.shape)
+                start += t.numel()
+            return f(point, (X[i : i + 1], Y[i : i + 1]))
+
+        flat = torch.cat([params[name].reshape(-1) for name in names])
+        rows.append(torch.func.grad(loss)(flat))
+    G = torch.stack(rows)
+    return G.T @ G / (X.shape[0] if reduction == "mean" else 1)
+
+
+@settings(max_examples=10, deadline=None)
+@given(cases(), st.integers(0, 100))
+def test_empirical_fisher_from_function_equals_dense_of_all_data(case, seed):
+    params, kind, reduction, batches, everything = case
+    f = make_f(kind, reduction)
+    E = EmpiricalFisherOperator.from_function(f, params, batches, reduction=reduction)
+    _check(E, dense_empirical_fisher(f, params, list(params), reduction, everything), seed)
+    block = ["w2", "b1"]
+    _check(
+        E.block(block), dense_empirical_fisher(f, params, ["b1", "w2"], reduction, everything), seed
+    )
+    # small chunks of samples, and the model form on the same data agree
+    E = EmpiricalFisherOperator.from_function(f, params, batches, reduction=reduction, chunk_size=1)
+    _check(E, dense_empirical_fisher(f, params, list(params), reduction, everything), seed)
+
+
+def test_empirical_fisher_from_function_batch_structure_and_loop_fallback():
+    params, batches, everything = _fixed_case()
+    f = make_f("mse", "mean")
+    dense = dense_empirical_fisher(f, params, list(params), "mean", everything)
+    # dict batches with a leaf of another leading size (passed whole) and a non-tensor;
+    # N_b from the first tensor in sorted-key order ("x")
+    dict_batches = [
+        {"x": x, "y": y, "z": torch.ones(1, dtype=DTYPE), "tag": "b"} for x, y in batches
+    ]
+    E = EmpiricalFisherOperator.from_function(
+        lambda p, b: f(p, (b["x"], b["y"])) * b["z"][0], params, dict_batches, reduction="mean"
+    )
+    _check(E, dense, 0)
+
+    # f that torch.func refuses (an autograd.Function without setup_context): one
+    # backward pass per sample, counted
+    calls = []
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            calls.append(t.shape[0])
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    def refused(p, batch):
+        return f(p, (Identity.apply(batch[0]), batch[1]))
+
+    E = EmpiricalFisherOperator.from_function(refused, params, batches, reduction="mean")
+    _check(E, dense, 1)
+    assert calls and set(calls) == {1}  # every call on one sample
+
+
+def test_empirical_fisher_from_function_errors():
+    params, batches, _ = _fixed_case()
+    f = make_f("mse", "mean")
+    with pytest.raises(ValueError, match="empirical Fisher needs the loss's reduction"):
+        EmpiricalFisherOperator.from_function(f, params, batches[0])
+    E = EmpiricalFisherOperator.from_function(
+        lambda p, b: output(p, b).sum(0), params, batches, reduction="mean"
+    )
+    with pytest.raises(ValueError, match="batch 0 of data: f.*scalar on one sample"):
+        E.diagonal()
+    E = EmpiricalFisherOperator.from_function(
+        f, params, batches, reduction="mean", batch_size=lambda b: 5
+    )
+    with pytest.raises(ValueError, match="no tensor with a leading dimension of its 5 samples"):
+        E.diagonal()
 
 
 def _fixed_case(reduction="mean", sizes=(3, 3, 2)):

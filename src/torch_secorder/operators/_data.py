@@ -322,7 +322,8 @@ class FunctionBatches(Batches):
         # A batch_size function may count samples otherwise than the sampler does.
         return None if self._batch_size is not None else _loader_counts(self._source)
 
-    def _size(self, batch: Any, index: int) -> int:
+    def size_of(self, batch: Any, index: int) -> int:
+        """:math:`N_b` of batch ``index`` (``batch_size(batch)``, checked)."""
         if self._batch_size is None:
             return batch_size_of(batch, index)
         size = self._batch_size(batch)
@@ -337,7 +338,7 @@ class FunctionBatches(Batches):
     def sized(self) -> Iterator[tuple[int, Any, Any, int]]:
         total = 0
         for index, batch in enumerate(self._source):
-            size = self._size(batch, index)
+            size = self.size_of(batch, index)
             self._check_tensors(index, _tensor_leaves(batch))
             total += size
             yield index, batch, batch, size

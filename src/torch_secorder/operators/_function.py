@@ -17,6 +17,8 @@ For one batch, :func:`function_problem` turns ``f`` into the engine's
 :class:`~torch_secorder.core._problem.LossProblem` (the same object a model's batch
 becomes): the vmapped products, the graph route where ``torch.func`` refuses the
 function, the fast exact diagonal routes (``f`` is recorded as the models are).
+:func:`function_per_sample_grads` gives the per-sample gradients of ``f`` (the
+empirical Fisher's): ``f`` on each sample alone, a batch of one.
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import optree
+import torch
 from torch import Tensor
+from torch.func import grad, vmap
 
+from torch_secorder._chunks import chunk_entries
+from torch_secorder.core._fallback import is_functional_refusal
 from torch_secorder.core._problem import LossProblem, closure_problem, narrow_to
 from torch_secorder.func._fixes import differentiable
+from torch_secorder.linalg.trace import chunk_ranges
 
-__all__ = ["FunctionSource", "function_problem"]
+__all__ = ["FunctionSource", "function_per_sample_grads", "function_problem"]
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -127,3 +134,81 @@ def function_problem(
         problem.plain = pure
         problem.names = names
         yield problem
+
+
+def function_per_sample_grads(
+    source: FunctionSource,
+    batch: Any,
+    num_samples: int,
+    only: Sequence[str],
+    chunk_size: int | None,
+    on_chunk: Callable[[dict[str, Tensor]], None],
+) -> None:
+    r"""The gradients :math:`g_i = \nabla_\theta f(\theta, b_i)` of ``f`` on each sample alone.
+
+    Sample :math:`b_i` of ``batch`` is the batch with every tensor whose leading
+    dimension is ``num_samples`` (:math:`N_b`) cut to its ``i``-th slice, kept as a
+    leading dimension of one (``x[i:i+1]``); other leaves (tensors of another leading
+    size, non-tensors) are passed whole.  ``f`` must return a scalar on such a batch
+    of one: its loss, the sample's :math:`\ell_i`.  The gradients of the parameters
+    ``only`` come ``chunk_size`` samples at a time (default: about the device's chunk
+    of entries, :func:`~torch_secorder._chunks.chunk_entries`, over the gradient's
+    size), by ``vmap(grad(f))``, or by one backward pass per sample where
+    ``torch.func`` refuses ``f``; ``on_chunk`` receives each chunk as a dict from
+    name to a ``(samples, *shape)`` tensor.
+    """
+    leaves, spec = optree.tree_flatten(batch, none_is_leaf=False, namespace="torch_secorder")
+    split = [
+        isinstance(leaf, Tensor) and leaf.ndim >= 1 and leaf.shape[0] == num_samples
+        for leaf in leaves
+    ]
+    if not any(split):
+        raise ValueError(
+            f"the batch has no tensor with a leading dimension of its {num_samples} samples, "
+            "so f cannot be evaluated on each sample alone"
+        )
+    constants = dict(source.values)
+    names = list(only)
+
+    def sample_loss(values: dict[str, Tensor], sliced: list[Tensor]) -> Tensor:
+        point = dict(constants)
+        point.update(values)
+        rest = iter(sliced)
+        rebuilt = [next(rest).unsqueeze(0) if cut else leaf for leaf, cut in zip(leaves, split)]
+        loss = source.f(source.pytree(point), optree.tree_unflatten(spec, rebuilt))
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"f(params, batch) must return a scalar on one sample, got {got}")
+        return loss.reshape(())
+
+    cut = [leaf for leaf, is_cut in zip(leaves, split) if is_cut]
+    point = {name: source.values[name] for name in names}
+    dim = sum(t.numel() for t in point.values())
+    step = chunk_size or max(1, chunk_entries(cut[0].device) // max(dim, 1))
+    per_sample = vmap(grad(differentiable(sample_loss)), in_dims=(None, 0))
+
+    def looped(start: int, stop: int) -> dict[str, Tensor]:
+        rows = []
+        for i in range(start, stop):
+            values = {name: t.clone().requires_grad_() for name, t in point.items()}
+            with torch.enable_grad():
+                loss = differentiable(sample_loss)(values, [t[i] for t in cut])
+                found = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
+            rows.append(
+                [torch.zeros_like(t) if g is None else g for t, g in zip(point.values(), found)]
+            )
+        return {name: torch.stack([r[j] for r in rows]) for j, name in enumerate(names)}
+
+    loop = False
+    for start, stop in chunk_ranges(num_samples, step):
+        grads = None
+        if not loop:
+            try:
+                grads = per_sample(point, [t[start:stop] for t in cut])
+            except RuntimeError as exc:
+                if not is_functional_refusal(exc):
+                    raise
+                loop = True
+        if grads is None:
+            grads = looped(start, stop)
+        on_chunk(grads)

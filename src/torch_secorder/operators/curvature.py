@@ -42,15 +42,14 @@ from torch_secorder.func._tree import tree_ravel, tree_unravel
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 from torch_secorder.operators._cache import DEFAULT_CACHE_BATCHES, GraphCache
-from torch_secorder.operators._function import FunctionSource, function_problem
+from torch_secorder.operators._function import (
+    FunctionSource,
+    function_per_sample_grads,
+    function_problem,
+)
 from torch_secorder.operators.base import CurvatureOperator
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator", "HessianOperator"]
-
-
-def _flat(values: dict[str, Tensor] | list[Tensor], names: list[str], all_names: list[str]):
-    by_name = values if isinstance(values, dict) else dict(zip(all_names, values, strict=True))
-    return torch.cat([by_name[name].reshape(-1) for name in names])
 
 
 class _GraphCaching(CurvatureOperator):
@@ -393,33 +392,99 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self._check_reduction()
+
+    def _check_reduction(self) -> None:
         if self.reduction is None:
             raise ValueError(
-                "the empirical Fisher needs loss_fn's reduction ('mean' divides by N): "
+                "the empirical Fisher needs the loss's reduction ('mean' divides by N): "
                 "pass reduction='mean' or reduction='sum'"
             )
 
-    def _per_sample(self, inputs: Any, targets: Tensor, on_chunk: Callable | None):
-        sums, n = empirical_sq_sum(
-            self.model, self.loss_fn, inputs, targets, self.chunk_size, on_chunk
+    @classmethod
+    def from_function(
+        cls,
+        f: Callable[[Any, Any], Tensor],
+        params: Any,
+        data: Any,
+        *,
+        reduction: str | None = None,
+        batch_size: Callable[[Any], int] | None = None,
+        chunk_size: int | None = None,
+        progress: bool = False,
+        group: Any = None,
+    ) -> EmpiricalFisherOperator:
+        r"""The empirical Fisher over ``data`` of a pure loss ``f(params, batch)``.
+
+        :math:`F_{\mathrm{emp}} = \frac1N \sum_i g_i g_i^\top` (``"mean"``;
+        :math:`\sum_i g_i g_i^\top` for ``"sum"``) with :math:`g_i =
+        \nabla_\theta f(\theta, b_i)`, ``f`` on sample :math:`i` alone: the batch with
+        every tensor whose leading dimension is :math:`N_b` cut to the slice
+        ``[i:i+1]`` (other leaves passed whole; see
+        :func:`~torch_secorder.operators._function.function_per_sample_grads`).
+        ``params``, ``data``, ``reduction`` (needed, also for one batch) and
+        ``batch_size`` are as in :meth:`HessianOperator.from_function`.
+
+        Example:
+            >>> import torch
+            >>> x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+            >>> f = lambda p, batch: ((batch @ p["w"] - 1.0) ** 2).mean()
+            >>> F = EmpiricalFisherOperator.from_function(
+            ...     f, {"w": torch.zeros(1, dtype=torch.float64)}, [x[:1], x[1:]], reduction="mean"
+            ... )
+            >>> F.diagonal()  # g_i = -2, -4: mean of squares 10
+            tensor([10.], dtype=torch.float64)
+        """
+        op = cls._of_function(
+            FunctionSource(f, params),
+            None,
+            data,
+            batch_size=batch_size,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            progress=progress,
+            group=group,
         )
-        scale = 1.0 / n if self.reduction == "mean" else 1.0
-        return sums, scale
+        op._check_reduction()
+        return op
+
+    def _per_sample(
+        self, index: int, inputs: Any, targets: Any, on_chunk: Callable[[dict[str, Tensor]], None]
+    ) -> float:
+        """Per-sample gradients of the batch to ``on_chunk``; returns the batch's scale."""
+        if self.function is not None:  # inputs: the batch of f
+            n = self.batches.size_of(inputs, index)
+            function_per_sample_grads(
+                self.function, inputs, n, self.names, self.chunk_size, on_chunk
+            )
+        else:
+            _, n = empirical_sq_sum(
+                self.model, self.loss_fn, inputs, targets, self.chunk_size, on_chunk
+            )
+        return 1.0 / n if self.reduction == "mean" else 1.0
+
+    def _rows(self, grads: dict[str, Tensor]) -> Tensor:
+        """``(samples, n)``: a chunk's per-sample gradients of the operator's parameters."""
+        return torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in self.names], 1)
 
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
         parts: list[Tensor] = []
 
         def on_chunk(grads: dict[str, Tensor]) -> None:
-            G = torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in self.names], 1)
+            G = self._rows(grads)
             parts.append((V @ G.T) @ G)
 
-        _, scale = self._per_sample(inputs, targets, on_chunk)
+        scale = self._per_sample(index, inputs, targets, on_chunk)
         return sum(parts[1:], parts[0]) * scale
 
     def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
-        sums, scale = self._per_sample(inputs, targets, None)
-        names = [name for name, _ in self.model.named_parameters()]
-        return _flat(sums, self.names, names) * scale
+        parts: list[Tensor] = []
+
+        def on_chunk(grads: dict[str, Tensor]) -> None:
+            parts.append(self._rows(grads).square().sum(0))
+
+        scale = self._per_sample(index, inputs, targets, on_chunk)
+        return sum(parts[1:], parts[0]) * scale
 
 
 #: Loss classes and functions whose negative log-likelihood the Fisher knows.
