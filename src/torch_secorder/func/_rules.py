@@ -629,6 +629,78 @@ class LinearInput(Shape):
         return [res.reshape(k, *x.shape)]
 
 
+class MaxPool(Shape):
+    """``F.max_pool{1,2,3}d``: the Jacobian transpose scatters each output entry to the input
+    entry that won (the indices of one extra call), as torch's own backward does."""
+
+    _NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+              "return_indices")  # fmt: skip
+
+    def fast_vjp(self, call, active, cols):
+        (x,) = active
+        if len(call.args) > len(self._NAMES) or any(k not in self._NAMES for k in call.kwargs):
+            return None
+        bound = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+        bound.update(zip(self._NAMES, call.args))
+        bound.update(call.kwargs)
+        spatial = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}[call.func]
+        if bound.get("return_indices") or bound["input"] is not x or x.dim() != spatial + 2:
+            return None
+        indices = getattr(call, "_pool_indices", None)
+        if indices is None:
+            with_indices = {
+                F.max_pool1d: F.max_pool1d_with_indices,
+                F.max_pool2d: F.max_pool2d_with_indices,
+                F.max_pool3d: F.max_pool3d_with_indices,
+            }[call.func]
+            args = [bound[k] for k in self._NAMES[:6]]
+            indices = with_indices(*args)[1]
+            call._pool_indices = indices  # type: ignore[attr-defined]
+        k = cols.shape[0]
+        lead = x.shape[:2]
+        flat = cols.reshape(k, *lead, -1)
+        idx = indices.reshape(1, *lead, -1).expand(k, *lead, flat.shape[-1])
+        res = flat.new_zeros(k, *lead, x[0, 0].numel()).scatter_add_(-1, idx, flat)
+        return [res.reshape(k, *x.shape)]
+
+
+class AvgPool(Shape):
+    """``F.avg_pool2d``/``F.avg_pool3d``: torch's backward kernel on the columns folded
+    into the batch."""
+
+    _NAMES = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+              "divisor_override")  # fmt: skip
+
+    def fast_vjp(self, call, active, cols):
+        (x,) = active
+        if len(call.args) > len(self._NAMES) or any(k not in self._NAMES for k in call.kwargs):
+            return None
+        bound = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                 "divisor_override": None}  # fmt: skip
+        bound.update(zip(self._NAMES, call.args))
+        bound.update(call.kwargs)
+        dims = 2 if call.func is F.avg_pool2d else 3
+        if bound["input"] is not x or x.dim() != dims + 2:
+            return None
+
+        def tup(v):
+            return (v,) * dims if isinstance(v, int) else tuple(v)
+
+        kernel = tup(bound["kernel_size"])
+        stride = kernel if bound["stride"] in (None, [], ()) else tup(bound["stride"])
+        backward = (
+            torch.ops.aten.avg_pool2d_backward if dims == 2 else torch.ops.aten.avg_pool3d_backward
+        )
+        k, out = cols.shape[0], call.out
+        folded = cols.reshape(k * out.shape[0], *out.shape[1:])
+        shape = x.new_empty(()).expand(k * x.shape[0], *x.shape[1:])
+        res = backward(
+            folded, shape, kernel, stride, tup(bound["padding"]), bool(bound["ceil_mode"]),
+            bool(bound["count_include_pad"]), bound["divisor_override"],
+        )  # fmt: skip
+        return [res.reshape(k, *x.shape)]
+
+
 def _axis(kind: str | None) -> int | None:
     """Where the leading (sample) axis sits: ``"batched"`` 0, ``"axis<j>"`` j."""
     if kind == BATCHED:
@@ -1012,6 +1084,8 @@ def _build_table() -> dict[Callable, Rule]:
         torch.adaptive_avg_pool1d,
     ]  # fmt: skip
     add(pools, Shape(_spatial_ok))
+    add([F.max_pool1d, F.max_pool2d, F.max_pool3d], MaxPool(_spatial_ok))
+    add([F.avg_pool2d, F.avg_pool3d], AvgPool(_spatial_ok))
     add([F.interpolate, F.upsample], Shape(_spatial_ok))  # linear in the input, any mode
     return table
 
