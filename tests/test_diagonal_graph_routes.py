@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torch_secorder.func._graph as graph
+from torch_secorder._chunks import chunk_policy
 from torch_secorder.func import diagonal_plan
 
 DT = torch.float64
@@ -145,8 +146,7 @@ def test_chunks_of_columns_are_exact(monkeypatch):
     x, y = torch.randn(2, 2, 4, 4, dtype=DT), torch.tensor([0, 2])
     built = Built(model, nn.CrossEntropyLoss(), x, y)
     expected_h, expected_g = dense_hessian_diagonal(built), dense_ggn_diagonal(built)
-    monkeypatch.setattr(graph, "DEFAULT_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(graph.graph_diagonal, "__defaults__", (0, True, 1, None))
+    monkeypatch.setattr(chunk_policy, "cpu_elements", 1)  # the graph route's budget
     assert_close(ours_hessian_diagonal(built), expected_h)
     assert_close(ours_ggn_diagonal(built), expected_g)
     for chunk in (1, 3):

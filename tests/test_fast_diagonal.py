@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from torch_secorder._chunks import chunk_policy
 from torch_secorder.core import model_hessian_diagonal, model_hessian_trace
-from torch_secorder.core._problem import module_problem
 from torch_secorder.func import diagonal_plan, fast_hessian_diagonal
+from torch_secorder.problems._problem import module_problem
 
 DT = torch.float64
 ACTS = {
@@ -247,7 +248,7 @@ def test_convolutions_off_the_chain_stay_exact(monkeypatch):
             assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)
     model, x = conv_chain(2, "tanh", 2, 1, 1, 0, 2, 3)
     assert set(plan_of(model, ce, x, y).values()) == {"chain"}
-    monkeypatch.setattr("torch_secorder.func._chain._LIMIT", 50)
+    monkeypatch.setattr(chunk_policy, "cpu_elements", 50)  # the chain's budget
     assert "chain" not in plan_of(model, ce, x, y).values()
 
 

@@ -34,11 +34,12 @@ diagonal is the sum of the squared per-sample weight gradients of the signed
 columns plus the convolution's weight gradient of :math:`(x \odot x, r)`;
 crossing a convolution applies its input backward to the columns, and the
 :math:`(A \odot A)^\top r` of a third-kind term is the same backward with the
-weights squared.  Where the columns would exceed :data:`_LIMIT` entries the
-route declines (the layer route or the sweep takes over).  The first and second
-derivatives of the activations come from autograd's double backward of the very
-call recorded (zero second derivatives for piecewise-linear ones), so they match
-the other routes'.
+weights squared.  Where the columns would exceed the device's chunk budget
+(:func:`torch_secorder._chunks.chunk_entries`: ``2**24`` entries on the CPU, from
+the free memory on CUDA) the route declines (the layer route or the sweep takes
+over).  The first and second derivatives of the activations come from
+autograd's double backward of the very call recorded (zero second derivatives
+for piecewise-linear ones), so they match the other routes'.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch_secorder._chunks import chunk_entries
 from torch_secorder.func._rules import elementwise_derivatives
 from torch_secorder.func._tape import Call
-from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 
 __all__ = ["chain_diagonal"]
 
@@ -96,9 +97,6 @@ _ELEMENTWISE |= _PIECEWISE_LINEAR
 _PASS = {torch.flatten, Tensor.flatten, F.dropout}
 _LOSSES = {F.mse_loss, F.cross_entropy}
 _CONVS = {F.conv1d: 1, F.conv2d: 2}
-
-
-_LIMIT = DEFAULT_CHUNK_ELEMENTS  # tensor entries the chain route may materialise at once
 
 
 @dataclass
@@ -480,7 +478,7 @@ def _through(cols: Tensor, weight: Tensor) -> Tensor:
 
 
 def _too_big(steps, first: int, n: int, m: int) -> bool:
-    """Whether the backward pass would materialise more than :data:`_LIMIT` entries at once.
+    """Whether the backward pass would materialise more than the chunk budget at once.
 
     ``m`` columns; a lazy term becomes as many columns as the output of the layer
     it crossed (a bound: it assumes a diagonal term at every layer).
@@ -500,7 +498,7 @@ def _too_big(steps, first: int, n: int, m: int) -> bool:
             break
         sizes.append(n * m * step.d_in)
         lazy = step
-    return max(sizes, default=0) > _LIMIT
+    return max(sizes, default=0) > chunk_entries(steps[first].x.device)
 
 
 def _backward(steps, terms, residuals: bool) -> dict[int, Tensor]:  # noqa: C901

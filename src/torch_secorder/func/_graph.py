@@ -39,11 +39,14 @@ slices: training-mode batch norm, a transposed leading axis, a curved call
 whose slice is too large for its dense residual) is not covered; the caller
 takes another exact route for it.
 
-Memory: a walk carries at most ``budget`` (default
-:data:`~torch_secorder.func.hvp.DEFAULT_CHUNK_ELEMENTS`) column entries at one
-tensor: the columns of an origin go in chunks of
-``max(1, budget // largest tensor)``; per-sample gradients at a site in chunks
-of ``max(1, budget // (N * parameter entries))`` columns.
+Memory: a walk carries at most ``budget`` column entries at one tensor, by
+default the device's chunk policy, :func:`torch_secorder._chunks.chunk_entries`
+of the loss value's device (on the CPU ``2**24`` entries; on CUDA the policy's
+share of the memory free when the route starts, at an estimated 64 bytes per
+entry): the columns of an origin go in chunks of
+``max(1, budget // largest tensor)`` (at most ``max_columns``, the caller's
+``chunk_size``); per-sample gradients at a site in chunks of
+``max(1, budget // (N * parameter entries))`` columns.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from torch_secorder._chunks import chunk_entries
 from torch_secorder.func._rules import (
     BATCHED,
     REDUCED,
@@ -67,7 +71,6 @@ from torch_secorder.func._rules import (
 )
 from torch_secorder.func._sites import Site
 from torch_secorder.func._tape import Call
-from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 
 __all__ = ["graph_diagonal"]
 
@@ -354,7 +357,7 @@ def graph_diagonal(
     sites: list[Site],
     curved_from: int = 0,
     compute: bool = True,
-    budget: int = DEFAULT_CHUNK_ELEMENTS,
+    budget: int | None = None,
     max_columns: int | None = None,
 ) -> dict[int, Tensor | None]:
     """Diagonals (leaf index -> tensor) of the parameters the graph route covers.
@@ -362,7 +365,8 @@ def graph_diagonal(
     ``sites``: the affine sites of once-read parameters; ``curved_from``: the
     first call whose second derivatives count (``0`` for the Hessian, the first
     call of the loss for the GGN); ``compute=False`` only plans (values
-    ``None``).
+    ``None``); ``budget``: column entries at one tensor (default: the chunk policy
+    of ``value``'s device, read once here).
     """
     blocked: set[int] = set()
     while True:  # block the origins whose columns would cost more than sweeping
@@ -375,6 +379,8 @@ def graph_diagonal(
         blocked |= more
     if not compute:
         return {i: None for s in plan.sites for i in s.roles.values()}
+    if budget is None:
+        budget = chunk_entries(value.device)
     with torch.no_grad():
         acc = _Backprop(plan, budget, max_columns).run()
     out: dict[int, Tensor] = {}
@@ -460,12 +466,15 @@ class _Backprop:
     def _is_useful(step: _Step, key: int) -> bool:
         return any(id(u) == key for u in step.useful)
 
-    def _chunk(self) -> int:
-        largest = max(
+    def _largest(self) -> int:
+        """Entries of the largest tensor a walk carries columns at."""
+        return max(
             (o.numel() for s in self.plan.walk if s.useful for o in [*s.outs, *s.useful]),
             default=1,
         )
-        chunk = max(1, self.budget // max(largest, 1))
+
+    def _chunk(self) -> int:
+        chunk = max(1, self.budget // max(self._largest(), 1))
         return chunk if self.max_columns is None else min(chunk, self.max_columns)
 
     def _walk_diag(self, start: int, node: Tensor, d: Tensor) -> None:
