@@ -1,8 +1,9 @@
 """Helpers shared by the stochastic estimators (private).
 
-Argument checks, products with a matmat in chunks (with their count), the exact
-diagonal through unit vectors, running moments of per-probe values, and the
-leave-one-out directions of the exchangeable estimators (XTrace, XDiag).
+Argument checks, products with a matmat in chunks sized by the chunk policy
+(:mod:`torch_secorder._chunks`), the exact diagonal through unit vectors, running
+moments of per-probe values, and the leave-one-out directions of the exchangeable
+estimators (XTrace, XDiag).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from torch_secorder._checks import check_chunk_size, check_count, check_generator
+from torch_secorder._chunks import ChunkSchedule
 from torch_secorder.linalg.progress import progress_bar
 
 Matmat = Callable[[Tensor], Tensor]
@@ -61,18 +63,37 @@ def check_tolerance(value: Any, name: str) -> float:
     return float(value)
 
 
-def chunks(total: int, chunk_size: int | None) -> list[tuple[int, int]]:
-    """Consecutive ``(start, stop)`` pieces of ``range(total)``, ``chunk_size`` long."""
-    step = total if chunk_size is None else chunk_size
-    return [(start, min(start + step, total)) for start in range(0, total, max(step, 1))]
+def resolve_device(
+    device: torch.device | str | None, generator: torch.Generator | None = None
+) -> torch.device:
+    """Where the products run: ``device``, else the generator's, else torch's default device."""
+    if device is not None:
+        return torch.device(device)
+    if generator is not None:
+        return generator.device
+    return torch.get_default_device()
+
+
+def schedule(
+    total: int, chunk_size: int | None, device: torch.device | str | None, dim: int
+) -> ChunkSchedule:
+    """The ``(start, stop)`` pieces of ``total`` vectors of length ``dim``.
+
+    ``chunk_size`` long, or (``None``) sized by the chunk policy of ``device``
+    (:class:`~torch_secorder._chunks.ChunkSchedule`: about ``2**24`` entries per
+    chunk on the CPU; on CUDA a measuring first chunk sizes the rest from the free
+    memory).
+    """
+    return ChunkSchedule(total, chunk_size, resolve_device(device), dim=dim)
 
 
 def apply_matmat(
     matmat: Matmat, V: Tensor, chunk_size: int | None, *, progress: bool, desc: str
 ) -> Tensor:
-    """``matmat`` on the rows of ``V``, ``chunk_size`` rows per call; checks each answer."""
+    """``matmat`` on the rows of ``V``, in chunks (:func:`schedule`); checks each answer."""
     pieces = []
-    for start, stop in progress_bar(chunks(V.shape[0], chunk_size), enabled=progress, desc=desc):
+    pieces_of = schedule(V.shape[0], chunk_size, V.device, V.shape[1])
+    for start, stop in progress_bar(pieces_of, enabled=progress, desc=desc):
         pieces.append(checked_call(matmat, V[start:stop]))
     return torch.cat(pieces)
 
@@ -100,7 +121,8 @@ def exact_diagonal(
 ) -> Tensor:
     """The diagonal of ``A`` from its products with the ``dim`` unit vectors."""
     diagonal = torch.empty(dim, dtype=dtype, device=device)
-    for start, stop in progress_bar(chunks(dim, chunk_size), enabled=progress, desc="Unit vectors"):
+    pieces = schedule(dim, chunk_size, diagonal.device, dim)
+    for start, stop in progress_bar(pieces, enabled=progress, desc="Unit vectors"):
         rows = torch.arange(stop - start, device=device)
         basis = torch.zeros(stop - start, dim, dtype=dtype, device=device)
         basis[rows, rows + start] = 1

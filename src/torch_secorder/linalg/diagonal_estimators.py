@@ -67,15 +67,16 @@ from torch_secorder.linalg._estimator_tools import (
     check_distribution,
     check_error_estimate,
     checked_call,
-    chunks,
     exact_diagonal,
     jackknife_std_error,
     leave_one_out_directions,
     mean_and_std_error,
     probe_device,
+    resolve_device,
+    schedule,
 )
 from torch_secorder.linalg.estimate import Estimate
-from torch_secorder.linalg.probes import draw_probes
+from torch_secorder.linalg.probes import ProbeStream, draw_probes
 from torch_secorder.linalg.progress import progress_bar
 
 __all__ = ["hutchinson_diagonal", "xdiag"]
@@ -163,8 +164,12 @@ def hutchinson_diagonal(
         generator: Source of the probes (``None``: the global generator).
         dtype: Dtype of the probes.
         device: Device of the probes.
-        chunk_size: Probes per call of ``matmat`` (``None``: all at once); only
-            one chunk of per-probe values is held at a time.
+        chunk_size: Probes per call of ``matmat`` (``None``: the chunk policy of
+            ``device``, :mod:`torch_secorder._chunks`); only one chunk of
+            per-probe values is held at a time.  Memory: ``chunk_size`` products
+            and twice ``(chunk_size, n)`` entries.  The probes are the same for
+            every ``chunk_size``, so the result is too (up to rounding in the
+            merged moments).
         progress: Show a progress bar when the run takes more than a few seconds.
 
     Returns:
@@ -190,18 +195,13 @@ def hutchinson_diagonal(
     device = probe_device(device, generator)
     if num_samples >= dim:
         return _exact(matmat, dim, dtype, device, chunk_size, progress)
+    stream = ProbeStream(
+        num_samples, dim, distribution=distribution, generator=generator, dtype=dtype, device=device
+    )
+    pieces = schedule(num_samples, chunk_size, resolve_device(device, generator), dim)
     moments = RunningMoments()
-    for start, stop in progress_bar(
-        chunks(num_samples, chunk_size), enabled=progress, desc="Diagonal probes"
-    ):
-        probes = draw_probes(
-            stop - start,
-            dim,
-            distribution=distribution,
-            generator=generator,
-            dtype=dtype,
-            device=device,
-        )
+    for start, stop in progress_bar(pieces, enabled=progress, desc="Diagonal probes"):
+        probes = stream.take(stop - start)
         moments.update(probes * checked_call(matmat, probes))
     return Estimate(moments.mean, moments.std_error(), moments.count)
 
@@ -235,7 +235,10 @@ def xdiag(
         generator: Source of randomness (``None``: the global generator).
         dtype: Dtype of the probes.
         device: Device of the probes.
-        chunk_size: Vectors per call of ``matmat`` (``None``: each block at once).
+        chunk_size: Vectors per call of ``matmat`` (``None``: the chunk policy of
+            ``device``, :mod:`torch_secorder._chunks`).  Memory: ``chunk_size``
+            products beside the ``(n, k)`` blocks every XDiag holds; the result
+            does not depend on it beyond the rounding of the products.
         progress: Show a progress bar when the run takes more than a few seconds.
 
     Returns:

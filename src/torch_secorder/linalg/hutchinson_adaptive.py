@@ -5,15 +5,19 @@ r"""Hutchinson's trace estimator that stops once its standard error is small eno
     \widehat{\sigma}_m = \frac{s_m}{\sqrt{m}},
 
 with :math:`s_m` the sample standard deviation of the :math:`m` values
-:math:`v_i^\top A v_i` (Hutchinson 1989; Girard 1989).  Probes are drawn
-``chunk_size`` at a time; after each chunk, once at least ``min_samples`` probes
-are in (so that :math:`\widehat{\sigma}_m` means something), the run stops when
+:math:`v_i^\top A v_i` (Hutchinson 1989; Girard 1989).  Probes are multiplied
+``chunk_size`` at a time; after each chunk the rule is checked at every count
+:math:`m \ge` ``min_samples`` the chunk reached (so that :math:`\widehat{\sigma}_m`
+means something), and the run stops at the first :math:`m` where
 
 .. math::
     \widehat{\sigma}_m \le \max(\mathrm{atol},\ \mathrm{rtol}\cdot|\widehat{t}_m|),
 
-or when ``max_matvecs`` products have been used, whichever comes first.  A result
-whose ``std_error`` exceeds that bound ran out of budget.
+or when ``max_matvecs`` products have been used, whichever comes first.  The
+products of the chunk past that :math:`m` are dropped, and the probes come from a
+:class:`~torch_secorder.linalg.probes.ProbeStream`, so the result is the same for
+every ``chunk_size``.  A result whose ``std_error`` exceeds that bound ran out of
+budget.
 
 Reference:
     M. F. Hutchinson, "A stochastic estimator of the trace of the influence
@@ -23,21 +27,25 @@ Reference:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from torch_secorder._checks import check_count
+from torch_secorder._chunks import static_chunk_size
 from torch_secorder.linalg._estimator_tools import (
     Matmat,
-    RunningMoments,
     check_common,
     check_distribution,
     check_tolerance,
     checked_call,
-    chunks,
+    mean_and_std_error,
     probe_device,
+    resolve_device,
+    schedule,
 )
 from torch_secorder.linalg.estimate import Estimate
-from torch_secorder.linalg.probes import draw_probes
+from torch_secorder.linalg.probes import ProbeStream
 from torch_secorder.linalg.progress import progress_bar
 
 __all__ = ["hutchinson_adaptive"]
@@ -74,8 +82,11 @@ def hutchinson_adaptive(
         atol: Absolute tolerance on the standard error (``>= 0``).
         max_matvecs: Most products (probes) to use; the last chunk is cut to fit.
         min_samples: Fewest probes before the rule is checked (``>= 2``).
-        chunk_size: Probes per call of ``matmat``, and how often the rule is
-            checked (``None``: ``min_samples``).
+        chunk_size: Probes per call of ``matmat`` (``None``: ``min_samples``, or
+            fewer where the chunk policy of ``device``, :mod:`torch_secorder._chunks`,
+            allows fewer).  Memory: ``chunk_size`` products plus the
+            ``(chunk_size, n)`` probes; up to ``chunk_size - 1`` products past the
+            stopping point are computed and dropped.
         distribution: ``"rademacher"`` or ``"gaussian"`` (see
             :func:`~torch_secorder.linalg.probes.draw_probes`).
         generator: Source of the probes (``None``: the global generator).
@@ -106,22 +117,31 @@ def hutchinson_adaptive(
         raise ValueError(f"max_matvecs must be >= min_samples={min_samples}, got {max_matvecs}")
     distribution = check_distribution(distribution, ("rademacher", "gaussian"))
     device = probe_device(device, generator)
-    step = min_samples if chunk_size is None else chunk_size
-    moments = RunningMoments()
-    for start, stop in progress_bar(
-        chunks(max_matvecs, step), enabled=progress, desc="Hutchinson probes"
-    ):
-        probes = draw_probes(
-            stop - start,
-            dim,
-            distribution=distribution,
-            generator=generator,
-            dtype=dtype,
-            device=device,
-        )
-        moments.update((probes * checked_call(matmat, probes)).sum(-1))
-        if moments.count >= min_samples:
-            error = moments.std_error()
-            if error <= max(atol, rtol * abs(float(moments.mean))):
-                break
-    return Estimate(moments.mean, moments.std_error(), moments.count)
+    if chunk_size is None:
+        chunk_size = min(min_samples, static_chunk_size(max_matvecs, dim, resolve_device(device)))
+    stream = ProbeStream(
+        max_matvecs, dim, distribution=distribution, generator=generator, dtype=dtype, device=device
+    )
+    pieces = schedule(max_matvecs, chunk_size, device, dim)
+    values: list[torch.Tensor] = []
+    count, mean, m2 = 0, 0.0, 0.0  # Welford's moments of the values, probe by probe
+    for start, stop in progress_bar(pieces, enabled=progress, desc="Hutchinson probes"):
+        probes = stream.take(stop - start)
+        chunk = (probes * checked_call(matmat, probes)).sum(-1)
+        values.append(chunk)
+        stopped = False
+        for value in chunk.tolist():
+            count += 1
+            delta = value - mean
+            mean += delta / count
+            m2 += delta * (value - mean)
+            if count >= min_samples:
+                error = math.sqrt(max(m2, 0.0) / (count - 1) / count)
+                if error <= max(atol, rtol * abs(mean)):
+                    stopped = True
+                    break
+        if stopped:
+            break
+    samples = torch.cat(values)[:count]
+    estimate, std_error = mean_and_std_error(samples)
+    return Estimate(estimate, std_error, count)

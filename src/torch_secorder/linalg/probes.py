@@ -11,7 +11,7 @@ from torch import Tensor
 
 from torch_secorder._checks import check_count, check_generator
 
-__all__ = ["DISTRIBUTIONS", "draw_probes"]
+__all__ = ["DISTRIBUTIONS", "DRAW_ENTRIES", "ProbeStream", "draw_probes"]
 
 DISTRIBUTIONS = ("rademacher", "gaussian", "sparse_rademacher")
 
@@ -66,3 +66,71 @@ def draw_probes(
         raise ValueError(f"density must be in (0, 1], got {density}")
     keep = torch.rand(num, dim, generator=generator, device=device) < density
     return signs * keep.to(dtype) / density**0.5
+
+
+#: Entries (rows x ``dim``) of one draw of a :class:`ProbeStream`: 4 MiB in float32.
+DRAW_ENTRIES = 2**20
+
+
+class ProbeStream:
+    r"""Probes handed out in chunks of any size; the i-th probe does not depend on the chunks.
+
+    A loop over ``total`` probes that multiplies them ``k`` at a time would draw
+    different numbers for different ``k`` if it drew each chunk on its own (the
+    generators fill a block in an order that depends on its shape).  The stream
+    draws fixed blocks instead: ``min(max(1, DRAW_ENTRIES // dim), rows left)``
+    rows at a time, the same blocks whatever the chunks, and cuts the chunks
+    from them.  It holds at most one chunk plus one block (``DRAW_ENTRIES``
+    entries, or one row) beyond what the caller keeps.  When
+    ``total * dim <= DRAW_ENTRIES`` the probes are exactly
+    ``draw_probes(total, dim, ...)``.
+
+    Args:
+        total: Probes in all (the blocks never go past it).
+        dim: Length of each probe.
+        distribution, generator, dtype, device: As for :func:`draw_probes`.
+
+    Example:
+        >>> import torch
+        >>> def probes(chunk):
+        ...     stream = ProbeStream(7, 3, generator=torch.Generator().manual_seed(0))
+        ...     return torch.cat([stream.take(k) for k in chunk])
+        >>> bool(torch.equal(probes([7]), probes([2, 2, 3])))
+        True
+    """
+
+    def __init__(
+        self,
+        total: int,
+        dim: int,
+        *,
+        distribution: str = "rademacher",
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.left = check_count(total, "total", 0)
+        self.dim = check_count(dim, "dim", 1)
+        self.rows = max(1, DRAW_ENTRIES // self.dim)
+        self._draw = {
+            "distribution": distribution,
+            "generator": generator,
+            "dtype": dtype,
+            "device": device,
+        }
+        self._block: Tensor | None = None
+
+    def take(self, num: int) -> Tensor:
+        """The next ``num`` probes, a ``(num, dim)`` tensor."""
+        pieces: list[Tensor] = []
+        while num > 0:
+            if self._block is None or self._block.shape[0] == 0:
+                if self.left == 0:
+                    raise ValueError(f"the stream has no probes left for {num} more")
+                rows = min(self.rows, self.left)
+                self.left -= rows
+                self._block = draw_probes(rows, self.dim, **self._draw)
+            piece, self._block = self._block[:num], self._block[num:]
+            pieces.append(piece)
+            num -= piece.shape[0]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

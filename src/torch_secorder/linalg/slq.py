@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from torch_secorder._checks import check_generator
+from torch_secorder.linalg._estimator_tools import schedule
 from torch_secorder.linalg.estimate import Estimate
 from torch_secorder.linalg.progress import progress_bar
 
@@ -350,7 +351,7 @@ def stochastic_lanczos_quadrature(
     call of ``matmat`` per step on a ``(chunk_size, n)`` batch.  With
     ``reorthogonalize`` each new Lanczos vector is orthogonalised twice against
     all previous ones of its probe (no spurious copies of converged
-    eigenvalues); memory is ``chunk_size * m`` vectors of length ``n``.  When a
+    eigenvalues); memory is about ``chunk_size * m`` vectors of length ``n``.  When a
     probe's recurrence breaks down (:math:`\beta_j \approx 0`: its Krylov space
     is invariant under :math:`A`, so its Ritz values are exact eigenvalues and
     its quadrature exact for every :math:`f`), that probe stops; its weights
@@ -375,7 +376,14 @@ def stochastic_lanczos_quadrature(
             default).  Nodes and weights are computed from :math:`T_m` in float64
             and returned in this dtype.
         device: Device (default: ``start``'s, else the generator's, else CPU).
-        chunk_size: Probes per batch of recurrences (``None``: all at once).
+        chunk_size: Probes per batch of recurrences (``None``: the chunk policy
+            of ``device``, :mod:`torch_secorder._chunks`, for vectors of
+            ``n * (m + 1)`` entries: one probe's basis and product; on the CPU
+            about :math:`2^{24} / (n (m + 1))` probes).  Memory: ``chunk_size``
+            products plus ``chunk_size * (m + 3)`` vectors of length ``n`` (``3``
+            without reorthogonalisation).  Each
+            probe's recurrence is its own, so the result does not depend on it
+            beyond the rounding of the products.
         progress: Show a progress bar over the Lanczos steps of long runs.
 
     Returns:
@@ -441,9 +449,9 @@ def stochastic_lanczos_quadrature(
     vectors = vectors / norms[:, None]
 
     alphas, betas, steps, matvecs = [], [], [], 0
-    step = num_probes if chunk_size is None else chunk_size
-    for lo in range(0, num_probes, step):
-        hi = min(lo + step, num_probes)
+    # one probe holds its m basis vectors (with reorthogonalisation) and a product
+    entries_per_probe = dim * (m + 1 if reorthogonalize else 1)
+    for lo, hi in schedule(num_probes, chunk_size, device, entries_per_probe):
         a, b, s, mv = _lanczos_batch(matmat, vectors[lo:hi], m, reorthogonalize, progress)
         alphas.append(a)
         betas.append(b)

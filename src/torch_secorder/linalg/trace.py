@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from torch_secorder._checks import check_chunk_size, check_count, check_generator
-from torch_secorder.linalg.probes import draw_probes
+from torch_secorder.linalg._estimator_tools import resolve_device, schedule
+from torch_secorder.linalg.probes import ProbeStream
 from torch_secorder.linalg.progress import progress_bar
 
 __all__ = ["Matmat", "TraceEstimate", "hutchinson", "chunk_ranges"]
@@ -89,8 +90,13 @@ def hutchinson(
         generator: Source of the probes.
         dtype: Dtype of the probes.
         device: Device of the probes.
-        chunk_size: Probes per call of ``matmat`` (``None``: all at once). Memory
-            is that of ``chunk_size`` products.
+        chunk_size: Probes per call of ``matmat`` (``None``: the chunk policy of
+            ``device``, :mod:`torch_secorder._chunks`: about :math:`2^{24}/n`
+            probes on the CPU; on CUDA a first chunk of 2 probes measures the
+            peak memory of a product and the others take at most half the free
+            memory).  Memory: ``chunk_size`` products plus the ``(chunk_size, n)``
+            probes.  The probes, and so the result, are the same for every
+            ``chunk_size`` (:class:`~torch_secorder.linalg.probes.ProbeStream`).
         progress: Show a progress bar when the run takes more than a few seconds.
 
     Returns:
@@ -107,17 +113,12 @@ def hutchinson(
     check_count(num_samples, "num_samples")
     check_chunk_size(chunk_size)
     check_generator(generator, device)
+    stream = ProbeStream(
+        num_samples, dim, distribution=distribution, generator=generator, dtype=dtype, device=device
+    )
+    pieces = schedule(num_samples, chunk_size, resolve_device(device, generator), dim)
     values = []
-    for start, stop in progress_bar(
-        chunk_ranges(num_samples, chunk_size), enabled=progress, desc="Hutchinson probes"
-    ):
-        probes = draw_probes(
-            stop - start,
-            dim,
-            distribution=distribution,
-            generator=generator,
-            dtype=dtype,
-            device=device,
-        )
+    for start, stop in progress_bar(pieces, enabled=progress, desc="Hutchinson probes"):
+        probes = stream.take(stop - start)
         values.append((probes * matmat(probes)).sum(-1))
     return TraceEstimate.from_samples(torch.cat(values))

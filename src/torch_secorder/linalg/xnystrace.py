@@ -169,7 +169,10 @@ def xnystrace(
         generator: Source of randomness (``None``: the global generator).
         dtype: Dtype of the probes.
         device: Device of the probes.
-        chunk_size: Vectors per call of ``matmat`` (``None``: all at once).
+        chunk_size: Vectors per call of ``matmat`` (``None``: the chunk policy of
+            ``device``, :mod:`torch_secorder._chunks`).  Memory: ``chunk_size``
+            products beside the blocks of vectors the method holds; the result
+            does not depend on it beyond the rounding of the products.
         progress: Show a progress bar when the run takes more than a few seconds.
 
     Returns:
