@@ -374,18 +374,34 @@ class Loss(Rule):
         kind, h = closed
         if kind == "diag":
             return Residual({id(x): g_out * h})
-        return _eig_columns([x], g_out * h)
+        factor, weight = h  # per sample: weight * factor @ factor.T
+        w = g_out * weight  # (N, 1)
+        columns = factor.permute(2, 0, 1) * w.abs().sqrt()[None]  # (C, N, C): column j
+        sign = torch.sign(w).T.expand(factor.shape[2], x.shape[0])
+        return Residual({}, {id(x): columns}, sign)
 
 
-def _loss_hessian(call: Call, x: Tensor) -> tuple[str, Tensor] | None:
-    """Closed forms of the loss Hessian per sample (``None``: use the dense way).
+def _loss_hessian(call: Call, x: Tensor):
+    r"""Closed forms of the loss Hessian per sample (``None``: use the dense way).
 
     ``F.mse_loss`` without ``weight``: ``("diag", 2 / s)`` shaped like the input;
     ``F.cross_entropy`` on ``(N, C)`` logits, no ``weight``, no label smoothing, no
-    ignored target, class indices or probabilities: ``("dense", (N, C, C))``
-    :math:`m (\\operatorname{diag} p - p p^\top) / s` (``m`` the target mass,
-    ``s`` the mean's divisor).
+    ignored target, class indices or probabilities:
+    :math:`m (\operatorname{diag} p - p p^\top) / s` (``m`` the target mass, ``s``
+    the mean's divisor) as ``("factor", (S, m / s))`` with the symmetric factor
+    :math:`S = \operatorname{diag}(\sqrt p) - p \sqrt p^\top` ``(N, C, C)``:
+    :math:`S S^\top = \operatorname{diag} p - 2pp^\top + (\textstyle\sum p) pp^\top`,
+    BackPACK's factorisation (``C`` columns, no eigendecomposition).
     """
+    cached = getattr(call, "_loss_hessian", None)
+    if cached is not None and cached[0] is x:
+        return cached[1]
+    found = _closed_loss_hessian(call, x)
+    call._loss_hessian = (x, found)  # type: ignore[attr-defined]
+    return found
+
+
+def _closed_loss_hessian(call: Call, x: Tensor):
     reduction = call.kwargs.get("reduction", "mean")
     if reduction not in ("mean", "sum") or call.args[0] is not x:
         return None
@@ -416,8 +432,9 @@ def _loss_hessian(call: Call, x: Tensor) -> tuple[str, Tensor] | None:
         return None
     scale = n if reduction == "mean" else 1
     p = torch.softmax(x, 1)
-    h = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) * (mass / scale)[:, :, None]
-    return "dense", h
+    root = p.sqrt()
+    factor = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]
+    return "factor", (factor, mass / scale)
 
 
 class Matmul(Rule):
