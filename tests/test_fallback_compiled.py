@@ -17,8 +17,8 @@ from torch.func import functional_call
 
 from torch_secorder.analysis.eigensolvers import model_eigenvalues
 from torch_secorder.core import hvp as hvp_api
-from torch_secorder.core._fallback import GRAPH_REFUSALS, has_compiled_module, is_graph_refusal
-from torch_secorder.core._problem import STRATEGIES, closure_problem, module_problem
+from torch_secorder.problems._fallback import GRAPH_REFUSALS, has_compiled_module, is_graph_refusal
+from torch_secorder.problems._problem import STRATEGIES, closure_problem, module_problem
 from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.core.hessian_trace import (
     hessian_trace,

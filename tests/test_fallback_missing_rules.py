@@ -1,10 +1,10 @@
 """An operator without a batching rule takes the autograd-graph route.
 
 ``F.rrelu`` in training mode: ``rrelu_with_noise`` has no vmap rule, which torch
-says in a message that ``core._fallback.FUNCTIONAL_REFUSALS`` recognises; every
+says in a message that ``problems._fallback.FUNCTIONAL_REFUSALS`` recognises; every
 quantity is then computed on the autograd graph.  Its random slopes are drawn
 once, by the first (plain) forward pass, and replayed in every later evaluation
-(``core._random_draws``), derivatives included.  Oracle: double backward of one
+(``problems._random_draws``), derivatives included.  Oracle: double backward of one
 plain forward pass drawn from the same seed (the same slopes), in float64.
 """
 

@@ -29,7 +29,7 @@ from torch_secorder.analysis.eigensolvers import model_eigenvalues
 from torch_secorder.analysis.landscape import compute_loss_surface_1d
 from torch_secorder.approximations.gauss_newton import gauss_newton_matrix_approximation
 from torch_secorder.core import hvp as hvp_api
-from torch_secorder.core._problem import STRATEGIES, module_problem
+from torch_secorder.problems._problem import STRATEGIES, module_problem
 from torch_secorder.core.gvp import jvp, model_jvp
 from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.core.hessian_trace import (

@@ -12,8 +12,8 @@ from conftest import assert_close, make_mlp
 from torch import nn
 from torch.func import functional_call
 
-from torch_secorder.approximations.gauss_newton import problem_ggn_diagonal
-from torch_secorder.core._problem import module_problem
+from torch_secorder.problems._ggn import problem_ggn_diagonal
+from torch_secorder.problems._problem import module_problem
 
 DTYPE = torch.float64
 

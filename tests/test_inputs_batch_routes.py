@@ -1,7 +1,7 @@
 """Batches that do not fit the model, on the routes without a validating forward of their own.
 
 The empirical Fisher (per-sample gradients) and the loss landscapes run one plain
-checking forward pass (``core._batch_checks.check_batch_fits``): a target of the
+checking forward pass (``problems._batch_checks.check_batch_fits``): a target of the
 wrong shape names both shapes, an input of the wrong dtype both dtypes; nothing of
 the user's changes, and a batch that fits still gives the oracle's numbers.
 """

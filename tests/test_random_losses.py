@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from torch_secorder import model_hessian_diagonal, model_hessian_trace_estimate, model_hvp
-from torch_secorder.core._problem import module_problem
+from torch_secorder.problems._problem import module_problem
 
 SEED = 11
 

@@ -5,17 +5,17 @@ and :func:`~torch_secorder.analysis.spectral_density.model_spectral_density` the
 matrix, in one of three forms:
 
 * one batch and a loss of the library's convention ``loss_fn(outputs, targets)``: the
-  one model-level problem, :func:`~torch_secorder.core._problem.module_problem`, kept
+  one model-level problem, :func:`~torch_secorder.problems._problem.module_problem`, kept
   open for every product (one validating forward pass per call, then one
   forward-over-reverse pass per chunk of vectors);
 * one batch and torch-secorder 0.0.1's ``loss_fn(model, data, target)``: the same
   problem object built from the closure ``loss_fn(model, data, target)``
-  (:func:`~torch_secorder.core._problem.closure_problem`);
+  (:func:`~torch_secorder.problems._problem.closure_problem`);
 * a data set (``target`` omitted): a :class:`~torch_secorder.operators.HessianOperator`
   over the batches, weighted as documented there.
 
 Which convention ``loss_fn`` follows is read from its signature
-(:func:`~torch_secorder.core._inputs.loss_convention`), never by calling it.
+(:func:`~torch_secorder.problems._inputs.loss_convention`), never by calling it.
 """
 
 from __future__ import annotations
@@ -28,11 +28,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._batch_checks import check_batch_device
-from torch_secorder.core._inputs import check_module, loss_convention, zero_result_unwarned
-from torch_secorder.core._problem import closure_problem, module_problem
-from torch_secorder.core.hessian_diagonal import NO_BATCH
 from torch_secorder.func._tree import tree_unravel
+from torch_secorder.operators import HessianOperator, shared_generator
+from torch_secorder.problems._batch_checks import check_batch_device
+from torch_secorder.problems._inputs import (
+    NO_BATCH,
+    check_module,
+    loss_convention,
+    zero_result_unwarned,
+)
+from torch_secorder.problems._problem import closure_problem, module_problem
 
 __all__ = ["ModelHessian", "model_hessian"]
 
@@ -74,7 +79,6 @@ def _over_data(
     group: Any = None,
 ) -> ModelHessian:
     # operators sit above core
-    from torch_secorder.operators import HessianOperator, shared_generator
 
     A = HessianOperator(
         model,

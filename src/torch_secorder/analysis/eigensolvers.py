@@ -35,9 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.analysis._model_hessian import model_hessian
-from torch_secorder.core._inputs import check_chunk_size, check_module, check_positive_int
-from torch_secorder.core.hessian_diagonal import NO_BATCH
 from torch_secorder.linalg.eigen import CRITERIA, EigenResult, lanczos_eigsh, subspace_iteration
+from torch_secorder.problems._inputs import (
+    NO_BATCH,
+    check_chunk_size,
+    check_module,
+    check_positive_int,
+)
 
 __all__ = [
     "EigenInfo",
@@ -324,7 +328,7 @@ def model_eigenvalues(
 
     The Hessian is never formed: the solver uses Hessian-vector products from the
     engine (the one model-level problem,
-    :meth:`~torch_secorder.core._problem.LossProblem.matmat`, or a
+    :meth:`~torch_secorder.problems._problem.LossProblem.matmat`, or a
     :class:`~torch_secorder.operators.HessianOperator` over a data set).  Nothing of
     the model changes (parameters, ``.grad``, ``requires_grad``, training flags,
     buffers), also on error; in training mode dropout uses one fixed mask.
@@ -365,7 +369,7 @@ def model_eigenvalues(
             ``"SA"`` (most negative curvature).
         generator: Source of the random start (on the parameters' device).
         strategy: How Hessian products are computed (see
-            :data:`torch_secorder.core._problem.STRATEGIES`).
+            :data:`torch_secorder.problems._problem.STRATEGIES`).
         reduction: ``"mean"`` or ``"sum"``, the data set form only, for a loss that
             does not declare its reduction.
         chunk_size: Vectors per batched Hessian-vector product.

@@ -29,17 +29,17 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from torch_secorder._chunks import chunk_entries
-from torch_secorder.core._batch_checks import check_batch_fits
-from torch_secorder.core._inputs import (
+from torch_secorder.linalg.trace import chunk_ranges
+from torch_secorder.problems._batch_checks import check_batch_fits
+from torch_secorder.problems._inputs import (
     as_vector_list,
     check_chunk_size,
     check_loss,
     check_module,
     check_positive_int,
 )
-from torch_secorder.core._model_function import ModelFunction
-from torch_secorder.core._purity import preserved_state
-from torch_secorder.linalg.trace import chunk_ranges
+from torch_secorder.problems._model_function import ModelFunction
+from torch_secorder.problems._purity import preserved_state
 
 __all__ = ["compute_loss_surface_1d", "compute_loss_surface_2d", "create_random_direction"]
 

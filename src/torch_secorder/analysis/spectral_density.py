@@ -17,9 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder.analysis._model_hessian import model_hessian
-from torch_secorder.core._inputs import check_chunk_size, check_module, check_positive_int
-from torch_secorder.core.hessian_diagonal import NO_BATCH
 from torch_secorder.linalg.slq import SpectralDensity, stochastic_lanczos_quadrature
+from torch_secorder.problems._inputs import (
+    NO_BATCH,
+    check_chunk_size,
+    check_module,
+    check_positive_int,
+)
 
 __all__ = ["model_spectral_density"]
 
@@ -73,7 +77,7 @@ def model_spectral_density(
         generator: Source of the start vectors (``None``: the global RNG).
         chunk_size: Probes per batch of recurrences (``None``: all at once).
         strategy: How Hessian products are computed (see
-            :data:`torch_secorder.core._problem.STRATEGIES`).
+            :data:`torch_secorder.problems._problem.STRATEGIES`).
         progress: Progress bars (Lanczos steps of long runs; batches of a data set).
         group: With ``data=`` (this rank's shard): the density of the Hessian of the
             union of the ranks' shards, the same on every rank (start vectors drawn

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.approximations._fisher import predictive_sq_sum
-from torch_secorder.core._inputs import check_chunk_size, check_num_samples
-from torch_secorder.core._per_sample import empirical_sq_sum
+from torch_secorder.problems._fisher import predictive_sq_sum
+from torch_secorder.problems._inputs import check_chunk_size, check_num_samples
+from torch_secorder.problems._per_sample import empirical_sq_sum
 
 __all__ = ["empirical_fisher_trace", "generalized_fisher_trace"]
 

@@ -31,7 +31,6 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,16 +39,13 @@ from torch.func import jvp, vjp, vmap
 
 from torch_secorder._checks import check_chunk_size
 from torch_secorder._chunks import chunk_entries
-from torch_secorder.core._batch_checks import check_batch_device, targets_fit
-from torch_secorder.core._fallback import is_functional_refusal
-from torch_secorder.core._graph_ggn import graph_ggn_diagonal
-from torch_secorder.core._inputs import check_loss, check_module
-from torch_secorder.core._problem import LossProblem, module_problem
-from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_unravel
-from torch_secorder.func.fast_diagonal import ggn_diagonal
 from torch_secorder.func.hvp import hvp
 from torch_secorder.linalg.trace import chunk_ranges
+from torch_secorder.problems._batch_checks import check_batch_device
+from torch_secorder.problems._ggn import GGNView, ggn_view, problem_ggn_diagonal
+from torch_secorder.problems._inputs import check_module
+from torch_secorder.problems._problem import module_problem
 
 __all__ = [
     "GGNTooLargeError",
@@ -78,72 +74,14 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def _rng_states(device: torch.device) -> list[Tensor]:
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-@dataclass
-class _GGNView:
-    """The GGN's pieces on an output problem (a view, not a problem of its own).
-
-    Shared by the diagonal and the dense matrix; built by :func:`_ggn_view` from the
-    one model-level problem.
-    """
-
-    names: list[str]  # names of the parameters that require grad
-    active: list[Tensor]  # those parameters
-    out_fn: Callable[[dict[str, Tensor]], Tensor]  # pure: parameters -> model output
-    loss_of_out: Callable[[Tensor], Tensor]  # pure: output -> loss
-    m: int  # number of output entries
-    draws_random: bool  # one forward pass consumes the global RNG
-
-    @property
-    def n(self) -> int:
-        return sum(p.numel() for p in self.active)
-
-    def point(self, create_graph: bool) -> dict[str, Tensor]:
-        return {
-            name: (p if create_graph else p.detach())
-            for name, p in zip(self.names, self.active, strict=True)
-        }
-
-
-def _ggn_view(
-    problem: LossProblem, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Any
-) -> _GGNView:
-    """The GGN's pieces on an output problem of the model (one checking forward pass)."""
-    names = [problem.names[i] for i in problem.active]  # type: ignore[index]
-    pure = problem.pure
-
-    def out_fn(values: dict[str, Tensor]) -> Tensor:
-        return pure(tuple(values[name] for name in names))
-
-    loss_of_out = differentiable(lambda out: loss_fn(out, targets))
-    with torch.no_grad():
-        probe = pure(problem.primals)
-        with targets_fit(loss_fn, probe, targets):  # both shapes named
-            check_loss(loss_of_out(probe), "loss_fn(model(inputs), targets)")
-    return _GGNView(
-        names=names,
-        active=[problem.params[i] for i in problem.active],
-        out_fn=out_fn,
-        loss_of_out=loss_of_out,
-        m=probe.numel(),
-        draws_random=problem.rewind.draws_random,
-    )
-
-
 @contextlib.contextmanager
 def _ggn_problem(
     model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Any, targets: Any
-) -> Iterator[_GGNView]:
+) -> Iterator[GGNView]:
     """Check the arguments, run one forward pass, and keep the user's state while in use.
 
     A view of the one model-level problem,
-    :func:`~torch_secorder.core._problem.module_problem` of the model's output (state
+    :func:`~torch_secorder.problems._problem.module_problem` of the model's output (state
     preserved, one evaluation's buffers and random draws for every later one).
     """
     check_module(model)
@@ -153,88 +91,10 @@ def _ggn_problem(
     if not any(p.requires_grad for p in params):
         # Nothing to differentiate: the callers warn or raise.
         check_batch_device(params, inputs=inputs, targets=targets)
-        yield _GGNView([], [], lambda values: model(inputs), lambda out: out, 0, False)
+        yield GGNView([], [], lambda values: model(inputs), lambda out: out, 0, False)
         return
     with module_problem(model, None, inputs, targets) as problem:
-        yield _ggn_view(problem, loss_fn, targets)
-
-
-def problem_ggn_diagonal(
-    problem: LossProblem,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    targets: Any,
-    *,
-    create_graph: bool = False,
-    chunk_size: int | None = None,
-) -> list[Tensor]:
-    """The exact GGN diagonal of an output problem, one tensor per active tensor.
-
-    The one GGN diagonal of the package (the documented function and
-    :class:`~torch_secorder.operators.GGNOperator`'s batches): the engine's exact
-    routes (:func:`torch_secorder.func.ggn_diagonal`); with ``create_graph`` or a
-    model that draws random numbers, chunks of columns of :math:`J`
-    (:func:`_diagonal_by_columns`); where ``torch.func`` refuses the model, the
-    autograd graph (:func:`~torch_secorder.core._graph_ggn.graph_ggn_diagonal`).
-    ``problem`` is :func:`~torch_secorder.core._problem.module_problem` without a
-    loss (``only=`` restricts it to some parameters: each costs its own entries).
-    """
-    if not problem.active:
-        return []
-    view = _ggn_view(problem, loss_fn, targets)
-    try:
-        if create_graph or view.draws_random:
-            diag = _diagonal_by_columns(view, create_graph, chunk_size)
-        else:
-            by_name = ggn_diagonal(
-                view.out_fn, view.loss_of_out, view.point(False), chunk_size=chunk_size
-            )
-            diag = [by_name[name] for name in view.names]
-    except RuntimeError as exc:  # torch.func refuses the model: the autograd graph
-        if not is_functional_refusal(exc):
-            raise
-        point = dict(zip(view.names, view.active, strict=True))
-        diag = graph_ggn_diagonal(
-            view.out_fn,
-            point,
-            view.loss_of_out,
-            create_graph=create_graph,
-            chunk_size=chunk_size,
-        )
-    # Parameters left out of the problem (only=) are read as the user's tensors: no
-    # graph back to them unless asked for.
-    return diag if create_graph else [d.detach() for d in diag]
-
-
-def _diagonal_by_columns(
-    problem: _GGNView, create_graph: bool, chunk_size: int | None
-) -> list[Tensor]:
-    r""":math:`G_{ii} = J_{:,i}^\top H_{\mathrm{out}} J_{:,i}` over chunks of columns of :math:`J`.
-
-    Each chunk: one vmapped Jacobian-vector product per one-hot tangent (one
-    forward pass, the same random draws as every other), then one vmapped
-    loss-Hessian product per column.  Differentiable when ``create_graph``.
-    """
-    n, m = problem.n, problem.m
-    point = problem.point(create_graph)
-    step = chunk_size or max(1, chunk_entries(problem.active[0].device) // max(m, 1))
-    with torch.enable_grad():
-        out = problem.out_fn(point)
-        o = out if create_graph else out.detach()
-        like = problem.active[0]
-        pieces = []
-        for a, b in chunk_ranges(n, step):
-            basis = torch.zeros(b - a, n, dtype=like.dtype, device=like.device)
-            basis[torch.arange(b - a), torch.arange(a, b)] = 1
-            tangents = dict(zip(problem.names, tree_unravel(basis, problem.active), strict=True))
-            cols = vmap(lambda t: jvp(problem.out_fn, (point,), (t,))[1], randomness="same")(
-                tangents
-            )  # (b - a, *out.shape): columns a..b-1 of J
-            h_cols = vmap(lambda c: hvp(problem.loss_of_out, o, c))(cols)
-            pieces.append((cols * h_cols).reshape(b - a, m).sum(-1))
-        diag = torch.cat(pieces)
-    if not create_graph:
-        diag = diag.detach()
-    return list(tree_unravel(diag, problem.active))
+        yield ggn_view(problem, loss_fn, targets)
 
 
 def gauss_newton_matrix_approximation(

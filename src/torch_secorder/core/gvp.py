@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._graph_ggn import graph_jvp
-from torch_secorder.core._inputs import as_vector_list, check_chunk_size, check_output
-from torch_secorder.core._problem import LossProblem, closure_problem, model_output_problem
 from torch_secorder.errors import ShapeError
 from torch_secorder.func._tree import tree_unravel
+from torch_secorder.problems._graph_ggn import graph_jvp
+from torch_secorder.problems._inputs import as_vector_list, check_chunk_size, check_output
+from torch_secorder.problems._problem import LossProblem, closure_problem, model_output_problem
 
 __all__ = [
     "jvp",
@@ -158,7 +158,7 @@ def problem_jvp(problem: LossProblem, vectors: list[Tensor]) -> Tensor:
 
 
 def _graph_jvp(problem: LossProblem, vectors: list[Tensor]) -> Tensor:
-    """``J v`` on one autograd graph (:func:`~torch_secorder.core._graph_ggn.graph_jvp`)."""
+    """``J v`` on one autograd graph (:func:`~torch_secorder.problems._graph_ggn.graph_jvp`)."""
     create_graph = problem.create_graph
     tensors = [problem.params[i] for i in problem.active]
     tangents = [_finish(vectors[i], create_graph) for i in problem.active]

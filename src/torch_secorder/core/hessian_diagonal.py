@@ -21,86 +21,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import as_vector_list, check_chunk_size
-from torch_secorder.core._problem import (
-    LossProblem,
-    closure_problem,
-    module_problem,
-    with_graph_fallback,
-)
-from torch_secorder.func import diagonal as _engine
-from torch_secorder.func import fast_diagonal as _fast
+from torch_secorder.operators import _convenience
+from torch_secorder.problems._hessian_diagonal import active_hessian_diagonal
+from torch_secorder.problems._inputs import NO_BATCH, as_vector_list, check_chunk_size
+from torch_secorder.problems._problem import closure_problem, module_problem
 
 __all__ = ["hessian_diagonal", "model_hessian_diagonal"]
-
-
-class _NoBatch:
-    """Default of ``inputs`` and ``targets`` where ``data=`` may stand in for them.
-
-    Not ``None``: ``None`` is a valid ``targets`` for a loss that ignores them.
-    """
-
-    def __repr__(self) -> str:
-        return "<required unless data= is given>"
-
-
-#: The value of ``inputs``/``targets`` not given (the ``data=`` form).
-NO_BATCH: Any = _NoBatch()
-
-
-def _rng_states(device: torch.device) -> list[Tensor]:
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _draws_random(problem: LossProblem) -> bool:
-    """Whether one evaluation of the loss consumes the global RNG (one forward pass).
-
-    The problem's evaluations know it from the first (validating) evaluation; later
-    ones replay its draws and leave the RNG where it was, so they cannot tell.
-    """
-    known = getattr(problem.rewind, "draws_random", None)
-    if isinstance(known, bool):
-        return known
-    problem.rewind()
-    before = _rng_states(problem.device)
-    with torch.no_grad():
-        problem.pure(problem.primals)
-    after = _rng_states(problem.device)
-    problem.rewind()
-    return any(not torch.equal(a, b) for a, b in zip(before, after))
-
-
-@with_graph_fallback(LossProblem.graph_diagonal)  # models that torch.func refuses
-def active_hessian_diagonal(
-    problem: LossProblem, chunk_size: int | None = None, progress: bool = True
-) -> list[Tensor]:
-    """Exact diagonal blocks of the problem's active tensors.
-
-    Module and closure problems alike (without ``create_graph``) whose loss draws
-    no random numbers go through :func:`~torch_secorder.func.fast_hessian_diagonal`:
-    a closure is a pure function of its tensors (``problem.plain``, the closure
-    under :class:`~torch_secorder.core._purity.SubstitutionMode`), recorded and
-    routed like a model.  The rest go through the sweep.  A loss that draws
-    random numbers (dropout in training mode) goes to the sweep: the fast routes
-    evaluate perturbed copies of the network whose random draws need not line up
-    with the single fixed mask of the sweep.
-    """
-    if not problem.active:
-        return []
-    problem.release_checked_loss()
-    f = problem.pure if problem.model is not None else problem.plain
-    if f is not None and not problem.create_graph and not _draws_random(problem):
-        # No graph asked for: inputs that require grad need not make the routes
-        # differentiable (the engine takes the sweep when autograd would track).
-        with torch.no_grad():
-            return list(_fast.fast_hessian_diagonal(f, problem.primals, chunk_size, progress))
-    return list(_engine.hessian_diagonal(problem.pure, problem.primals, chunk_size, progress))
 
 
 def hessian_diagonal(
@@ -212,8 +140,6 @@ def model_hessian_diagonal(
     check_chunk_size(chunk_size)
     grouped = group is not None and group is not False
     if data is not None or inputs is NO_BATCH or targets is NO_BATCH or grouped:
-        from torch_secorder.operators import _convenience  # operators import core
-
         _convenience.data_or_batch(
             "model_hessian_diagonal",
             inputs,

@@ -18,15 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import (
+from torch_secorder.linalg.trace import TraceEstimate
+from torch_secorder.operators import _convenience
+from torch_secorder.problems._hessian_diagonal import active_hessian_diagonal
+from torch_secorder.problems._inputs import (
+    NO_BATCH,
     check_chunk_size,
     check_count,
     check_generator,
     check_num_samples,
 )
-from torch_secorder.core._problem import LossProblem, closure_problem, module_problem
-from torch_secorder.core.hessian_diagonal import NO_BATCH, active_hessian_diagonal
-from torch_secorder.linalg.trace import TraceEstimate
+from torch_secorder.problems._problem import LossProblem, closure_problem, module_problem
 
 __all__ = [
     "hessian_trace",
@@ -97,7 +99,7 @@ def hessian_trace(
         chunk_size: Products per batched call; peak memory is about
             ``chunk_size`` Hessian-vector products.
         strategy: How products are batched: ``"auto"``, ``"vmap"``, ``"graph"``
-            or ``"graph_batched"`` (see :data:`torch_secorder.core._problem.STRATEGIES`).
+            or ``"graph_batched"`` (see :data:`torch_secorder.problems._problem.STRATEGIES`).
         progress: Show a progress bar for runs longer than a few seconds.
 
     Returns:
@@ -276,7 +278,7 @@ def model_hessian_trace_estimate(
     """
     check_count(num_samples, "num_samples", allow_none=True)
     check_chunk_size(chunk_size)
-    if _over_data(
+    if _convenience.data_or_batch(
         "model_hessian_trace",
         inputs,
         targets,
@@ -285,7 +287,7 @@ def model_hessian_trace_estimate(
         create_graph=create_graph,
         strict=strict,
     ):
-        A = _hessian_operator(
+        A = _convenience.hessian_operator_of(
             model,
             loss_fn,
             data,
@@ -295,7 +297,7 @@ def model_hessian_trace_estimate(
             progress=progress,
             group=group,
         )
-        return _operator_trace(
+        return _convenience.operator_trace(
             model, A, num_samples, generator=generator, chunk_size=chunk_size, progress=progress
         )
     with module_problem(
@@ -309,23 +311,3 @@ def model_hessian_trace_estimate(
             strategy=strategy,
             progress=progress,
         )
-
-
-def _over_data(
-    name: str, inputs: Any, targets: Any, data: Any, group: Any = None, **unsupported: Any
-) -> bool:
-    from torch_secorder.operators._convenience import data_or_batch  # operators import core
-
-    return data_or_batch(name, inputs, targets, data, group, **unsupported)
-
-
-def _hessian_operator(*args: Any, **kwargs: Any) -> Any:
-    from torch_secorder.operators._convenience import hessian_operator_of
-
-    return hessian_operator_of(*args, **kwargs)
-
-
-def _operator_trace(*args: Any, **kwargs: Any) -> TraceEstimate:
-    from torch_secorder.operators._convenience import operator_trace
-
-    return operator_trace(*args, **kwargs)

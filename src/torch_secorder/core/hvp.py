@@ -14,23 +14,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._batch_checks import check_batch_device, targets_fit
-from torch_secorder.core._inputs import (
+from torch_secorder.func._tree import tree_ravel, tree_unravel
+from torch_secorder.problems._batch_checks import check_batch_device
+from torch_secorder.problems._ggn import problem_ggn_matmat
+from torch_secorder.problems._inputs import (
     as_vector_list,
     check_chunk_size,
     check_generator,
-    check_loss,
     check_num_samples,
 )
-from torch_secorder.core._problem import (
+from torch_secorder.problems._problem import (
     LossProblem,
     closure_problem,
     model_output_problem,
     module_problem,
 )
-from torch_secorder.func._fixes import differentiable
-from torch_secorder.func._tree import tree_ravel, tree_unravel
-from torch_secorder.func.hvp import default_chunk_size
 
 __all__ = [
     "exact_hvp",
@@ -396,67 +394,6 @@ def approximate_hvp(
 
 
 # ------------------------------------------------------------------ Gauss-Newton
-
-
-def _functional_ggn_matmat(
-    problem: LossProblem,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    y: Any,
-    V: Tensor,
-    chunk_size: int | None,
-) -> Tensor:
-    """``V G`` by torch.func: one forward pass with its pullback, then per chunk of rows
-    one vmapped forward-mode pass (``J v``), the loss's Hessian in output space and the
-    shared pullback (``J^T w``)."""
-    create_graph = problem.create_graph
-    like = list(problem.primals)
-    # The model's forward-mode and reverse passes both run under the operator fixes
-    # and the math attention kernel (the fused kernels have no forward-mode AD).
-    pure = differentiable(problem.pure)
-    out, pullback = torch.func.vjp(pure, problem.primals)
-
-    @differentiable
-    def loss_of_output(o: Tensor) -> Tensor:
-        return loss_fn(o, y)
-
-    with targets_fit(loss_fn, out, y):  # a target unlike the output: ShapeError, both shapes
-        check_loss(loss_of_output(out.detach()), "loss_fn(model(x), y)")
-    primal_out = out if create_graph else out.detach()
-
-    def one(row: Tensor) -> Tensor:
-        tangents = tuple(tree_unravel(row, like))
-        _, jv = torch.func.jvp(pure, (problem.primals,), (tangents,))
-        _, h_jv = torch.func.jvp(torch.func.grad(loss_of_output), (primal_out,), (jv,))
-        return tree_ravel(list(pullback(h_jv)[0]))
-
-    if chunk_size is None:
-        chunk_size = default_chunk_size(V.shape[0], V.shape[1], V.device)
-    rows = torch.func.vmap(one, randomness="same", chunk_size=chunk_size)(
-        V if create_graph else V.detach()
-    )
-    return rows if create_graph else rows.detach()
-
-
-def problem_ggn_matmat(
-    problem: LossProblem,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    y: Any,
-    V: Tensor,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """``V G`` on flat ``(k, dim)`` rows over the active tensors of an output problem.
-
-    The one GGN-vector product of the package (:func:`gauss_newton_product`, the
-    GGN operator's batches): ``chunk_size`` rows per vmapped call share one forward
-    pass; where ``torch.func`` refuses the model, all ``k`` rows share one forward pass
-    on the autograd graph (:meth:`~torch_secorder.core._problem.LossProblem.graph_ggn_matmat`).
-    """
-    if not problem.active:
-        return torch.zeros_like(V)
-    return problem.functional_or_graph(
-        lambda: _functional_ggn_matmat(problem, loss_fn, y, V, chunk_size),
-        lambda: problem.graph_ggn_matmat(loss_fn, y, V),
-    )
 
 
 def problem_ggn_product(

@@ -10,7 +10,7 @@ all layers come out of one computation over the selected parameters:
 * Empirical Fisher: :math:`\frac1N \sum_{i=1}^N \nabla_\theta \ell_i \odot
   \nabla_\theta \ell_i` with :math:`\ell_i = \text{loss\_fn}(\text{model}(x_i), y_i)`
   the loss of sample :math:`i` alone, from per-sample gradients
-  (:func:`~torch_secorder.core._per_sample.empirical_sq_sum`, as the empirical
+  (:func:`~torch_secorder.problems._per_sample.empirical_sq_sum`, as the empirical
   Fisher of :mod:`torch_secorder.approximations`).
 """
 
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import check_module
-from torch_secorder.core._per_sample import empirical_sq_sum
 from torch_secorder.core.hessian_diagonal import model_hessian_diagonal
 from torch_secorder.core.utils import get_params_by_module_type
+from torch_secorder.problems._inputs import check_module
+from torch_secorder.problems._per_sample import empirical_sq_sum
 
 __all__ = [
     "per_layer_hessian_diagonal",

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import as_param_list, check_module
 from torch_secorder.errors import ShapeError
 from torch_secorder.func._tree import tree_ravel
+from torch_secorder.problems._inputs import as_param_list, check_module
 
 __all__ = [
     "flatten_params",

@@ -50,7 +50,7 @@ Dropout is not rerouted: torch's own kernels run (``bernoulli_`` in the input's
 memory order on CPU, ``native_dropout`` on CUDA), so the first evaluation of a
 loss draws exactly the mask a plain forward pass draws; the wrappers record
 those draws and replay them in every later evaluation
-(:class:`~torch_secorder.core._purity.RandomDraws`).
+(:class:`~torch_secorder.problems._purity.RandomDraws`).
 
 :func:`differentiable` wraps a loss so that every call runs under the mode.
 """

@@ -1,7 +1,7 @@
 r"""The Hessian and GGN operators' per-batch cache: a batch's autograd graph, kept across products.
 
 Without a cache every product :math:`A V` rebuilds, for every batch, the engine's
-problem object (:func:`~torch_secorder.core._problem.module_problem`): a checking
+problem object (:func:`~torch_secorder.problems._problem.module_problem`): a checking
 forward pass with its random draws recorded, the user's state saved and restored,
 the loss checked, then a ``create_graph`` gradient and one backward pass per
 vector.  Everything but the last backward passes is the same in every product, so
@@ -9,7 +9,7 @@ vector.  Everything but the last backward passes is the same in every product, s
 the autograd-graph routes (``"graph"``, ``"graph_batched"``: the CPU's ``"auto"``)
 the gradient with its ``create_graph`` graph; for the GGN (and the exact Fisher)
 the output's graph with :math:`J^\top u` and the loss's output gradient
-(:meth:`~torch_secorder.core._problem.LossProblem.graph_ggn_rows_fn`).  Later
+(:meth:`~torch_secorder.problems._problem.LossProblem.graph_ggn_rows_fn`).  Later
 products run only backward passes on them (``chunk_size`` or 8 vectors at a time).
 
 **What it holds.**  Per cached batch: that autograd graph (about the memory of a

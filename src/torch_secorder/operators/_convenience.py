@@ -8,11 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import check_generator, check_num_samples, warn_zero_result
-from torch_secorder.core.hessian_diagonal import NO_BATCH
 from torch_secorder.linalg.trace import TraceEstimate, hutchinson
 from torch_secorder.operators._distributed import shared_generator
 from torch_secorder.operators.curvature import HessianOperator
+from torch_secorder.problems._inputs import (
+    NO_BATCH,
+    check_generator,
+    check_num_samples,
+    warn_zero_result,
+)
 
 __all__ = ["data_or_batch", "hessian_operator_of", "operator_diagonal", "operator_trace"]
 

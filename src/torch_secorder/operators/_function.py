@@ -14,7 +14,7 @@ a loss, a pure function of the parameters and one batch of data:
 operator differentiates detached copies and never touches the user's tensors.
 
 For one batch, :func:`function_problem` turns ``f`` into the engine's
-:class:`~torch_secorder.core._problem.LossProblem` (the same object a model's batch
+:class:`~torch_secorder.problems._problem.LossProblem` (the same object a model's batch
 becomes): the vmapped products, the graph route where ``torch.func`` refuses the
 function, the fast exact diagonal routes (``f`` is recorded as the models are).
 :func:`function_per_sample_grads` gives the per-sample gradients of ``f`` (the
@@ -33,10 +33,10 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from torch_secorder._chunks import chunk_entries
-from torch_secorder.core._fallback import is_functional_refusal
-from torch_secorder.core._problem import LossProblem, closure_problem, narrow_to
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.linalg.trace import chunk_ranges
+from torch_secorder.problems._fallback import is_functional_refusal
+from torch_secorder.problems._problem import LossProblem, closure_problem, narrow_to
 
 __all__ = ["FunctionSource", "function_per_sample_grads", "function_problem"]
 

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._inputs import check_chunk_size, check_module
 from torch_secorder.operators._data import Batches, FunctionBatches, loss_reduction
 from torch_secorder.operators._distributed import (
     all_reduce_checked,
@@ -27,6 +26,7 @@ from torch_secorder.operators._distributed import (
     unwrap_model,
 )
 from torch_secorder.operators._function import FunctionSource
+from torch_secorder.problems._inputs import check_chunk_size, check_module
 
 __all__ = ["CurvatureOperator"]
 

@@ -14,9 +14,9 @@ weights :math:`w_b = N_b/N` for ``reduction="mean"``, 1 for ``"sum"``), with
   negative log of (cross-entropy: categorical; MSE: Gaussian), which equals the GGN of
   that loss (see :mod:`torch_secorder.approximations.fisher_diagonal`).
 
-Each batch goes through the engine (:func:`~torch_secorder.core._problem.module_problem`
+Each batch goes through the engine (:func:`~torch_secorder.problems._problem.module_problem`
 and its products, :func:`~torch_secorder.core.hvp.problem_ggn_matmat`, the functions
-of :mod:`torch_secorder.approximations._fisher`), so the user's state is kept, the
+of :mod:`torch_secorder.problems._fisher`), so the user's state is kept, the
 operator reroutes and the graph fallback apply, and a batch's forward pass is shared
 by all the vectors of a chunk.
 """
@@ -29,15 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.approximations._fisher import _rows as fisher_rows
-from torch_secorder.approximations._fisher import empirical_sq_sum
-from torch_secorder.approximations.gauss_newton import problem_ggn_diagonal
-from torch_secorder.core._batch_checks import check_batch_device
-from torch_secorder.core._inputs import check_generator, check_num_samples
-from torch_secorder.core._problem import GRAPH_BATCH, module_problem
-from torch_secorder.core.gvp import model_output_problem
-from torch_secorder.core.hessian_diagonal import active_hessian_diagonal
-from torch_secorder.core.hvp import problem_ggn_matmat
 from torch_secorder.func._tree import tree_ravel, tree_unravel
 from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
@@ -48,6 +39,13 @@ from torch_secorder.operators._function import (
     function_problem,
 )
 from torch_secorder.operators.base import CurvatureOperator
+from torch_secorder.problems._batch_checks import check_batch_device
+from torch_secorder.problems._fisher import _rows as fisher_rows
+from torch_secorder.problems._fisher import empirical_sq_sum
+from torch_secorder.problems._ggn import problem_ggn_diagonal, problem_ggn_matmat
+from torch_secorder.problems._hessian_diagonal import active_hessian_diagonal
+from torch_secorder.problems._inputs import check_generator, check_num_samples
+from torch_secorder.problems._problem import GRAPH_BATCH, model_output_problem, module_problem
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator", "GGNOperator", "HessianOperator"]
 
@@ -103,7 +101,7 @@ class HessianOperator(_GraphCaching):
     r"""The Hessian of the loss over a data set, :math:`H = \sum_b w_b \nabla^2 L_b`.
 
     Products: per batch, the engine's batched Hessian-vector products
-    (:meth:`~torch_secorder.core._problem.LossProblem.matmat`, by ``strategy``).
+    (:meth:`~torch_secorder.problems._problem.LossProblem.matmat`, by ``strategy``).
     Diagonal: per batch, the exact fast routes
     (:func:`~torch_secorder.core.hessian_diagonal.active_hessian_diagonal`).
 
@@ -117,7 +115,7 @@ class HessianOperator(_GraphCaching):
 
     Args:
         strategy: How a batch's products are batched (see
-            :data:`torch_secorder.core._problem.STRATEGIES`).
+            :data:`torch_secorder.problems._problem.STRATEGIES`).
         cache_batches: Batches whose gradient graph is kept across products
             (default 16; 0 keeps none: every product rebuilds every batch and draws
             fresh random masks).
@@ -183,7 +181,7 @@ class HessianOperator(_GraphCaching):
                 two batches); ``f`` gets each batch as it is.
             reduction: ``"mean"`` or ``"sum"`` (above); needed for several batches.
             batch_size: ``batch_size(batch) -> int``, :math:`N_b`.
-            strategy: As for the model form (:data:`torch_secorder.core._problem.STRATEGIES`).
+            strategy: As for the model form (:data:`torch_secorder.problems._problem.STRATEGIES`).
             chunk_size, progress, group: As for the model form.
 
         Example:
@@ -370,7 +368,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
     r"""The empirical Fisher :math:`\frac1N \sum_i g_i g_i^\top` over the data set.
 
     :math:`g_i` is the gradient of ``loss_fn`` on sample :math:`i` alone (a batch of
-    one), computed by :func:`~torch_secorder.approximations._fisher.empirical_sq_sum`'s
+    one), computed by :func:`~torch_secorder.problems._fisher.empirical_sq_sum`'s
     vmapped per-sample gradients, ``chunk_size`` samples at a time; ``"sum"``
     reduction: :math:`\sum_i g_i g_i^\top`.  The model must treat samples
     independently (no training-mode batch norm).  The reduction must be known
@@ -523,7 +521,7 @@ class FisherOperator(GGNOperator):
     as :class:`GGNOperator`.
 
     With ``num_samples=m``, the Monte Carlo Fisher of
-    :mod:`~torch_secorder.approximations._fisher`: per sample :math:`i`, ``m``
+    :mod:`~torch_secorder.problems._fisher`: per sample :math:`i`, ``m``
     output vectors :math:`u_{ir}` with :math:`\mathbb{E}\sum_r u_{ir}u_{ir}^\top =
     \Lambda_i` (labels drawn from the model's categorical distribution, or Gaussian
     noise), and :math:`F = c \sum_{i,r} (J_i^\top u_{ir})(J_i^\top u_{ir})^\top`,

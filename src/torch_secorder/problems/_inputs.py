@@ -208,3 +208,17 @@ def zero_result_unwarned() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*zeros are returned", UserWarning)
         yield
+
+
+class _NoBatch:
+    """Default of ``inputs`` and ``targets`` where ``data=`` may stand in for them.
+
+    Not ``None``: ``None`` is a valid ``targets`` for a loss that ignores them.
+    """
+
+    def __repr__(self) -> str:
+        return "<required unless data= is given>"
+
+
+#: The value of ``inputs``/``targets`` not given (the ``data=`` form).
+NO_BATCH: Any = _NoBatch()

@@ -210,7 +210,7 @@ def check_batch_fits(
     :class:`~torch_secorder.errors.ShapeError` (:func:`targets_fit`).  Runs without
     autograd; with ``keep_rng`` the global RNG is left where it was (else the pass
     draws from it as a plain forward does), and the caller runs it under
-    :func:`~torch_secorder.core._purity.preserved_state` so that buffers stay as
+    :func:`~torch_secorder.problems._purity.preserved_state` so that buffers stay as
     they were.
 
     Example:

@@ -21,7 +21,7 @@ the work:
   (``Tensor(a!)`` arguments) of the call's name, plus ``__setitem__``,
   ``out=`` and ``inplace=True``.  A batch norm that normalises with batch
   statistics is computed without updating running statistics (the same numbers).
-* :class:`~torch_secorder.core._random_draws.RandomDraws` makes every evaluation
+* :class:`~torch_secorder.problems._random_draws.RandomDraws` makes every evaluation
   draw the same random numbers.  The first evaluation of a call is a plain
   forward pass of the user's loss on the global random number generator, exactly
   as ``loss_fn(model(x), y)`` would run at that point (torch's own dropout
@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
-from torch_secorder.core._random_draws import RandomDraws
+from torch_secorder.problems._random_draws import RandomDraws
 
 __all__ = [
     "SubstitutionMode",

@@ -1,6 +1,6 @@
 """Record the random draws of one evaluation of a loss; replay them in later ones.
 
-See :mod:`torch_secorder.core._purity` for the rule this serves: the first
+See :mod:`torch_secorder.problems._purity` for the rule this serves: the first
 evaluation of a call is a plain forward pass on the global random number
 generator, every later one replays its draws, so every product of a call sees the
 mask a plain ``loss_fn(model(x), y)`` draws.

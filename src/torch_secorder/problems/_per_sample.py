@@ -3,7 +3,7 @@ r"""Per-sample gradients of a model's loss, squared and summed: the empirical Fi
 :func:`empirical_sq_sum`: :math:`\sum_i g_i \odot g_i` over per-sample gradients
 :math:`g_i = \nabla_\theta\, \ell(f(x_i;\theta), y_i)`, by ``vmap(grad(...))`` over
 the samples (the one model adapter,
-:class:`~torch_secorder.core._model_function.ModelFunction`, on batches of one), in
+:class:`~torch_secorder.problems._model_function.ModelFunction`, on batches of one), in
 chunks of samples; one backward pass per sample where ``vmap`` cannot run the model
 (the kernels of ``nn.RNN``/``nn.LSTM``/``nn.GRU``, and code that ``torch.func``
 refuses: old-style ``autograd.Function`` s, full backward hooks, saved-tensor hooks).
@@ -22,13 +22,13 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from torch_secorder._chunks import chunk_entries
-from torch_secorder.core._batch_checks import check_batch_fits
-from torch_secorder.core._fallback import has_recurrent_module, is_functional_refusal
-from torch_secorder.core._inputs import check_module
-from torch_secorder.core._model_function import ModelFunction
-from torch_secorder.core._purity import preserved_state
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.linalg.trace import chunk_ranges
+from torch_secorder.problems._batch_checks import check_batch_fits
+from torch_secorder.problems._fallback import has_recurrent_module, is_functional_refusal
+from torch_secorder.problems._inputs import check_module
+from torch_secorder.problems._model_function import ModelFunction
+from torch_secorder.problems._purity import preserved_state
 
 __all__ = ["empirical_sq_sum"]
 
@@ -74,7 +74,7 @@ def empirical_sq_sum(
     parameter name to a ``(samples, *shape)`` tensor, parameters requiring grad).
     With ``create_graph`` the sums are differentiable with respect to the parameters.
     The model is evaluated through the one adapter,
-    :class:`~torch_secorder.core._model_function.ModelFunction`, on one sample at a
+    :class:`~torch_secorder.problems._model_function.ModelFunction`, on one sample at a
     time (a batch of one).
     """
     check_module(model)

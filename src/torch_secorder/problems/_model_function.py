@@ -1,17 +1,17 @@
 """The one adapter from a model to a function of its parameters.
 
 Every route that evaluates a model at other parameter values goes through
-:class:`ModelFunction`: the problems of :mod:`torch_secorder.core._problem` (Hessian,
+:class:`ModelFunction`: the problems of :mod:`torch_secorder.problems._problem` (Hessian,
 GGN, Jacobian products, the operators' batches), the per-sample gradients of the
 empirical Fisher, the loss landscapes.  It holds the model's named parameters
 (checked once: a module with parameters, the batch on their device) and evaluates
 ``model(*inputs)`` either as it is or with some parameters replaced
 (:func:`torch.func.functional_call`); an input whose dtype does not fit the
 parameters' raises a ``TypeError`` naming both dtypes
-(:func:`~torch_secorder.core._batch_checks.inputs_fit`).
+(:func:`~torch_secorder.problems._batch_checks.inputs_fit`).
 
 State preservation, random draws and the loss around the output are the business
-of the problem object built on it (:func:`~torch_secorder.core._problem.module_problem`).
+of the problem object built on it (:func:`~torch_secorder.problems._problem.module_problem`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from torch_secorder.core._batch_checks import check_batch_device, inputs_fit
-from torch_secorder.core._inputs import check_module
+from torch_secorder.problems._batch_checks import check_batch_device, inputs_fit
+from torch_secorder.problems._inputs import check_module
 
 __all__ = ["ModelFunction", "model_args"]
 

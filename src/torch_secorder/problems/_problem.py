@@ -6,7 +6,7 @@ differentiated tensors for the ``torch.func`` engine, the same loss on one autog
 graph for the graph route, and the bookkeeping to return results in the user's
 list format.  :func:`module_problem` does the same for ``model`` + ``loss_fn`` +
 data (or the model's output alone) through the one model adapter,
-:class:`~torch_secorder.core._model_function.ModelFunction`.
+:class:`~torch_secorder.problems._model_function.ModelFunction`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,20 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from torch_secorder.core._batch_checks import loss_of_output, targets_fit
-from torch_secorder.core._fallback import (
+from torch_secorder.errors import StrictError
+from torch_secorder.func._fixes import differentiable
+from torch_secorder.func._tree import tree_ravel, tree_unravel
+from torch_secorder.func.hvp import default_chunk_size
+from torch_secorder.linalg.progress import progress_bar
+from torch_secorder.linalg.trace import TraceEstimate, chunk_ranges, hutchinson
+from torch_secorder.problems._batch_checks import loss_of_output, targets_fit
+from torch_secorder.problems._fallback import (
     has_compiled_module,
     is_functional_refusal,
     is_graph_refusal,
 )
-from torch_secorder.core._graph_ggn import transposed_jacobian
-from torch_secorder.core._inputs import (
+from torch_secorder.problems._graph_ggn import transposed_jacobian
+from torch_secorder.problems._inputs import (
     as_param_list,
     check_loss,
     check_module,
@@ -35,14 +41,8 @@ from torch_secorder.core._inputs import (
     loss_convention,
     warn_zero_result,
 )
-from torch_secorder.core._model_function import ModelFunction
-from torch_secorder.core._purity import SubstitutionMode, preserved_state
-from torch_secorder.errors import StrictError
-from torch_secorder.func._fixes import differentiable
-from torch_secorder.func._tree import tree_ravel, tree_unravel
-from torch_secorder.func.hvp import default_chunk_size
-from torch_secorder.linalg.progress import progress_bar
-from torch_secorder.linalg.trace import TraceEstimate, chunk_ranges, hutchinson
+from torch_secorder.problems._model_function import ModelFunction
+from torch_secorder.problems._purity import SubstitutionMode, preserved_state
 
 __all__ = [
     "LossProblem",
@@ -69,7 +69,7 @@ T = TypeVar("T")
 #: graph routes for code that ``torch.func`` refuses (old-style
 #: ``autograd.Function``, full backward hooks, saved-tensor hooks), ``"vmap"``
 #: for ``torch.compile``'d code (no double backward); see
-#: :mod:`torch_secorder.core._fallback`.
+#: :mod:`torch_secorder.problems._fallback`.
 STRATEGIES = ("auto", "vmap", "graph", "graph_batched")
 
 #: Vectors per batched backward of ``"graph_batched"`` when no chunk is given
@@ -94,7 +94,7 @@ class LossProblem:
         primals: The point: the active tensors, detached unless ``create_graph``.
         create_graph: Whether results must be differentiable.
         loss_closure: Evaluates the loss on the user's own tensors (autograd on).
-        rewind: The call's :class:`~torch_secorder.core._purity.Evaluations`: calling it
+        rewind: The call's :class:`~torch_secorder.problems._purity.Evaluations`: calling it
             (or entering its ``evaluation()`` block) starts a fresh evaluation of the
             loss (the model's buffer objects put back, the random draws of the first
             evaluation replayed).
@@ -163,7 +163,7 @@ class LossProblem:
         Set by the first functional route that meets torch's refusal (see
         :meth:`functional_or_graph`): old-style ``autograd.Function`` s, full backward
         hooks, saved-tensor hooks.  Only torch's own refusals count
-        (:func:`~torch_secorder.core._fallback.is_functional_refusal`); any other error
+        (:func:`~torch_secorder.problems._fallback.is_functional_refusal`); any other error
         in the user's code is raised as it is.
         """
         return self._functional_refused
@@ -585,7 +585,7 @@ def closure_problem(
     """Build a :class:`LossProblem` from a closure ``func()`` that reads ``params``.
 
     The user's state is preserved for the duration and restored on exit
-    (see :func:`~torch_secorder.core._purity.preserved_state`).  With
+    (see :func:`~torch_secorder.problems._purity.preserved_state`).  With
     ``scalar=False`` the output may be any tensor (Jacobian products): it is not
     evaluated up front to be checked as a finite scalar loss.
     """
@@ -668,7 +668,7 @@ def module_problem(
     products: ``targets``, if given, is only checked to lie on the parameters'
     device).  The parameters are ``model.parameters()`` (a
     shared one once); the model is evaluated through the one adapter,
-    :class:`~torch_secorder.core._model_function.ModelFunction`.  ``only``
+    :class:`~torch_secorder.problems._model_function.ModelFunction`.  ``only``
     (parameter names) restricts the differentiated tensors to those names (the
     others are constants: see :func:`narrow_to`).  The user's state is preserved as
     in :func:`closure_problem`.

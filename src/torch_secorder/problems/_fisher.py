@@ -1,6 +1,6 @@
 r"""The computations behind the Fisher diagonals and traces.
 
-* :func:`~torch_secorder.core._per_sample.empirical_sq_sum` (in ``core``, where the
+* :func:`~torch_secorder.problems._per_sample.empirical_sq_sum` (in ``core``, where the
   per-layer Fisher also uses it): :math:`\sum_i g_i \odot g_i` over per-sample
   gradients.
 * :func:`predictive_sq_sum`: :math:`\sum_r (J^\top u_r) \odot (J^\top u_r)` for a
@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from torch_secorder._chunks import chunk_entries
-from torch_secorder.core._inputs import check_generator, check_module, check_num_samples
-from torch_secorder.core._per_sample import empirical_sq_sum  # re-exported
 from torch_secorder.errors import UnsupportedShapeError
 from torch_secorder.linalg.trace import chunk_ranges
+from torch_secorder.problems._inputs import check_generator, check_module, check_num_samples
+from torch_secorder.problems._per_sample import empirical_sq_sum  # re-exported
 
 __all__ = ["LOSS_TYPES", "empirical_sq_sum", "loss_kind", "predictive_sq_sum"]
 
