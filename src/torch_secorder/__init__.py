@@ -12,7 +12,7 @@ Every public name of the three API subpackages is also exported here, with the
 operators and the exception classes of :mod:`torch_secorder.errors`.
 """
 
-from torch_secorder import analysis, approximations, core, func, linalg, operators
+from torch_secorder import analysis, approximations, core, func, linalg, operators, precision
 from torch_secorder.analysis import *  # noqa: F401,F403
 from torch_secorder.approximations import *  # noqa: F401,F403
 from torch_secorder.core import *  # noqa: F401,F403
@@ -34,6 +34,7 @@ __all__ = [
     "approximations",
     "analysis",
     "operators",
+    "precision",
     "CurvatureOperator",
     "HessianOperator",
     "GGNOperator",
