@@ -189,6 +189,45 @@ def test_train_mode_matches_dense_with_recorded_masks():
     assert_close(H @ torch.eye(n, dtype=DTYPE), expected)
 
 
+@pytest.mark.parametrize("op", ["hessian", "ggn", "fisher"])
+@pytest.mark.parametrize("diagonal_first", [False, True])
+def test_train_mode_diagonal_and_trace_are_those_of_the_products(op, diagonal_first):
+    """With dropout, diagonal() and trace() read the masks the products use (kept graphs)."""
+    model, loss_fn, data = _dropout_case()
+    A = KINDS[op][0](model, loss_fn, data)
+    n = A.shape[0]
+    torch.manual_seed(5)
+    if diagonal_first:  # the diagonal keeps the graphs (and their masks) for the products
+        diag = A.diagonal()
+        dense = A @ torch.eye(n, dtype=DTYPE)
+    else:
+        dense = A @ torch.eye(n, dtype=DTYPE)
+        diag = A.diagonal()
+    assert_close(diag, torch.diagonal(dense))
+    assert_close(A.trace(), torch.trace(dense))
+    assert len(A._cache) == len(data)
+    assert model.training
+
+
+def test_train_mode_diagonal_beyond_the_kept_batches_draws_its_own_masks():
+    """A batch whose graph is not kept: its diagonal is exact for masks of its own draw."""
+    model, loss_fn, data = _dropout_case()
+    H = HessianOperator(model, loss_fn, data[:1], cache_batches=0)
+    masks = []
+    handle = model[2].register_forward_hook(lambda m, a, out: masks.append((out != 0) * 2.0))
+    diag = H.diagonal()
+    handle.remove()
+    x, y = data[0]
+    params = [p.detach() for p in model.parameters()]
+    mask = masks[-1].to(DTYPE)
+
+    def loss(p):
+        w1, b1, w2, b2 = p
+        return loss_fn((torch.tanh(x @ w1.T + b1) * mask) @ w2.T + b2, y)
+
+    assert_close(diag, torch.diagonal(dense_hessian(loss, params)))
+
+
 def test_bad_cache_batches():
     model = make_mlp([2, 2], "tanh", 0)
     data = (torch.randn(3, 2, dtype=DTYPE), torch.randn(3, 2, dtype=DTYPE))

@@ -39,7 +39,11 @@ symmetric matrix) and draws nothing from the global RNG.  Without the cache each
 product draws fresh masks, and so does every batch beyond ``cache_batches``: in
 training mode with dropout the operator is one fixed matrix only when all its
 batches are kept.  :meth:`~torch_secorder.operators.base.CurvatureOperator.diagonal`
-and ``trace`` do not use the kept graphs (they draw their own masks).
+and ``trace`` of a batch that draws random numbers read the same masks: its
+diagonal is :math:`e_i^\top A_b e_i` through the kept graph (kept then if no
+product came first), one backward pass per entry in chunks, the cost of the
+one-hot sweep such a batch takes anyway; a batch that is not kept draws its own.
+Batches without random draws take the fast exact diagonal routes.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_secorder._chunks import chunk_entries, static_chunk_size
 from torch_secorder.func._tree import tree_ravel, tree_unravel
-from torch_secorder.func.hvp import DEFAULT_CHUNK_ELEMENTS
 from torch_secorder.linalg.trace import chunk_ranges
 from torch_secorder.operators._cache import DEFAULT_CACHE_BATCHES, GraphCache
 from torch_secorder.operators._function import (
@@ -43,7 +43,7 @@ from torch_secorder.problems._batch_checks import check_batch_device
 from torch_secorder.problems._fisher import _rows as fisher_rows
 from torch_secorder.problems._fisher import empirical_sq_sum
 from torch_secorder.problems._ggn import problem_ggn_diagonal, problem_ggn_matmat
-from torch_secorder.problems._hessian_diagonal import active_hessian_diagonal
+from torch_secorder.problems._hessian_diagonal import active_hessian_diagonal, draws_random
 from torch_secorder.problems._inputs import check_generator, check_num_samples
 from torch_secorder.problems._problem import GRAPH_BATCH, model_output_problem, module_problem
 
@@ -72,9 +72,46 @@ class _GraphCaching(CurvatureOperator):
         restricted._cache = GraphCache(self._cache.capacity)  # its own graphs
         return restricted
 
+    def diagonal(self) -> Tensor:
+        self._cache.begin()  # the model's state is checked once per pass
+        return super().diagonal()
+
     def _caching(self) -> GraphCache | None:
         """The cache, for a model operator with room (``from_function`` ones keep none)."""
         return self._cache if self.function is None and self._cache.capacity > 0 else None
+
+    def _product_key(self) -> Any:
+        """What a kept product is of (the parameters, the route, the chunk)."""
+        raise NotImplementedError
+
+    def _kept_diagonal(self, index: int, inputs: Any, targets: Any) -> Tensor | None:
+        r"""Batch ``index``'s diagonal as :math:`e_i^\top A_b e_i` through its kept products.
+
+        For a batch whose evaluation draws random numbers (dropout in training
+        mode): the diagonal of the very matrix the products use, with the dropout
+        masks the batch's kept graph holds (kept now if no product came before).  One
+        product per entry, ``chunk_size`` (or the device's chunk) at a time, each a
+        backward pass on the kept graph: the cost of the one-hot sweep that such a
+        batch takes anyway.  ``None`` where the batch's graph is not kept (no room,
+        or a route that keeps none): the caller then draws its own masks.
+        """
+        cache = self._caching()
+        if cache is None:
+            return None
+        n = self.shape[0]
+        step = self.chunk_size or static_chunk_size(n, n, self.device)
+        diag = torch.empty(n, dtype=self.dtype, device=self.device)
+        for a, b in chunk_ranges(n, step):
+            rows = torch.arange(b - a, device=self.device)
+            E = torch.zeros(b - a, n, dtype=self.dtype, device=self.device)
+            E[rows, rows + a] = 1
+            diag[a:b] = self._batch_matmat(index, inputs, targets, E)[rows, rows + a]
+            if (
+                a == 0
+                and cache.lookup(self.model, self._product_key(), index, inputs, targets) is None
+            ):
+                return None
+        return diag
 
     def _kept_product(
         self, key: Any, index: int, inputs: Any, targets: Any, V: Tensor
@@ -216,8 +253,11 @@ class HessianOperator(_GraphCaching):
             return function_problem(self.function, inputs, self.names)
         return module_problem(self.model, self.loss_fn, inputs, targets, only=self.names)
 
+    def _product_key(self) -> Any:
+        return (tuple(self.names), self.strategy, self.chunk_size)
+
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
-        key = (tuple(self.names), self.strategy, self.chunk_size)
+        key = self._product_key()
         kept = self._kept_product(key, index, inputs, targets, V)
         if kept is not None:
             return kept
@@ -235,10 +275,16 @@ class HessianOperator(_GraphCaching):
 
     def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
         with self._problem(inputs, targets) as problem:
-            diag = active_hessian_diagonal(problem, self.chunk_size, False)
             if not problem.active:
                 return torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-            return tree_ravel(list(diag))
+            random = self._caching() is not None and draws_random(problem)
+            if not random:
+                return tree_ravel(list(active_hessian_diagonal(problem, self.chunk_size, False)))
+        kept = self._kept_diagonal(index, inputs, targets)  # the products' own masks
+        if kept is not None:
+            return kept
+        with self._problem(inputs, targets) as problem:
+            return tree_ravel(list(active_hessian_diagonal(problem, self.chunk_size, False)))
 
 
 class GGNOperator(_GraphCaching):
@@ -328,8 +374,11 @@ class GGNOperator(_GraphCaching):
         check_batch_device([p for _, p in self.model.named_parameters()], targets=targets)
         return model_output_problem(self.model, inputs, False, only=self.names)
 
+    def _product_key(self) -> Any:
+        return (tuple(self.names), "ggn", self.chunk_size)
+
     def _batch_matmat(self, index: int, inputs: Any, targets: Tensor, V: Tensor) -> Tensor:
-        key = (tuple(self.names), "ggn", self.chunk_size)
+        key = self._product_key()
         kept = self._kept_product(key, index, inputs, targets, V)
         if kept is not None:
             return kept
@@ -360,6 +409,14 @@ class GGNOperator(_GraphCaching):
         with self._output_problem(inputs, targets) as problem:
             if not problem.active:
                 return torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+            if self._caching() is None or not draws_random(problem):
+                return tree_ravel(
+                    problem_ggn_diagonal(problem, self.loss_fn, targets, chunk_size=self.chunk_size)
+                )
+        kept = self._kept_diagonal(index, inputs, targets)  # the products' own masks
+        if kept is not None:
+            return kept
+        with self._output_problem(inputs, targets) as problem:
             diag = problem_ggn_diagonal(problem, self.loss_fn, targets, chunk_size=self.chunk_size)
             return tree_ravel(diag)
 
@@ -611,7 +668,7 @@ class FisherOperator(GGNOperator):
             if self.reduction == "mean":
                 scale = 1.0 / n if self.likelihood == "ce" else 1.0 / (n * d)
             step = self.chunk_size or max(
-                1, DEFAULT_CHUNK_ELEMENTS // max(1, per * out.numel() + self.shape[0])
+                1, chunk_entries(self.device) // max(1, per * out.numel() + self.shape[0])
             )
             pulled = torch.func.vmap(vjp_fn)
             for start, stop in chunk_ranges(n, step):

@@ -19,7 +19,7 @@ from torch_secorder.func import diagonal as _engine
 from torch_secorder.func import fast_diagonal as _fast
 from torch_secorder.problems._problem import LossProblem, with_graph_fallback
 
-__all__ = ["active_hessian_diagonal"]
+__all__ = ["active_hessian_diagonal", "draws_random"]
 
 
 def _rng_states(device: torch.device) -> list[Tensor]:
@@ -29,7 +29,7 @@ def _rng_states(device: torch.device) -> list[Tensor]:
     return states
 
 
-def _draws_random(problem: LossProblem) -> bool:
+def draws_random(problem: LossProblem) -> bool:
     """Whether one evaluation of the loss consumes the global RNG (one forward pass).
 
     The problem's evaluations know it from the first (validating) evaluation; later
@@ -66,7 +66,7 @@ def active_hessian_diagonal(
         return []
     problem.release_checked_loss()
     f = problem.pure if problem.model is not None else problem.plain
-    if f is not None and not problem.create_graph and not _draws_random(problem):
+    if f is not None and not problem.create_graph and not draws_random(problem):
         # No graph asked for: inputs that require grad need not make the routes
         # differentiable (the engine takes the sweep when autograd would track).
         with torch.no_grad():
