@@ -44,8 +44,8 @@ from benchmarks._peers import load_backpack, load_secorder_001  # noqa: E402
 from benchmarks._timing import busy_warning, print_table, sync, time_call  # noqa: E402
 from torch_secorder.core import hessian_diagonal as closure_hessian_diagonal  # noqa: E402
 from torch_secorder.core import model_hessian_diagonal  # noqa: E402
-from torch_secorder.problems._problem import module_problem  # noqa: E402
 from torch_secorder.func import diagonal_plan, hessian_diagonal  # noqa: E402
+from torch_secorder.problems._problem import module_problem  # noqa: E402
 
 
 def ours(problem):

@@ -61,8 +61,8 @@ from benchmarks._models import TinyTransformerBlock  # noqa: E402
 from benchmarks._peers import load_backpack  # noqa: E402
 from benchmarks._timing import busy_warning, print_table, sync  # noqa: E402
 from torch_secorder.core import model_hessian_diagonal  # noqa: E402
-from torch_secorder.problems._problem import module_problem  # noqa: E402
 from torch_secorder.func import ggn_diagonal, hessian_diagonal  # noqa: E402
+from torch_secorder.problems._problem import module_problem  # noqa: E402
 
 DT = torch.float64
 CASES = ("lenet", "resnet2", "settings", "tanh_resnet", "transformer")

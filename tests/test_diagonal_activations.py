@@ -24,8 +24,8 @@ from torch_secorder.core import (
     model_hessian_diagonal,
     model_hessian_trace,
 )
-from torch_secorder.problems._problem import module_problem
 from torch_secorder.func import diagonal_plan, ggn_diagonal
+from torch_secorder.problems._problem import module_problem
 
 DT = torch.float64
 

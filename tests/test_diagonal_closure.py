@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from torch_secorder.core import hessian_diagonal, hessian_trace
-from torch_secorder.problems._problem import closure_problem
 from torch_secorder.func import diagonal_plan
 from torch_secorder.func.fast_diagonal import _Problem
+from torch_secorder.problems._problem import closure_problem
 
 #: The module (the package attribute of that name is the function).
 core_diagonal = importlib.import_module("torch_secorder.problems._hessian_diagonal")

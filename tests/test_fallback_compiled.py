@@ -17,8 +17,6 @@ from torch.func import functional_call
 
 from torch_secorder.analysis.eigensolvers import model_eigenvalues
 from torch_secorder.core import hvp as hvp_api
-from torch_secorder.problems._fallback import GRAPH_REFUSALS, has_compiled_module, is_graph_refusal
-from torch_secorder.problems._problem import STRATEGIES, closure_problem, module_problem
 from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.core.hessian_trace import (
     hessian_trace,
@@ -27,6 +25,8 @@ from torch_secorder.core.hessian_trace import (
 )
 from torch_secorder.core.hvp import exact_hvp, gauss_newton_product, model_hvp
 from torch_secorder.linalg.probes import draw_probes
+from torch_secorder.problems._fallback import GRAPH_REFUSALS, has_compiled_module, is_graph_refusal
+from torch_secorder.problems._problem import STRATEGIES, closure_problem, module_problem
 
 DT = torch.float64
 X = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=DT)

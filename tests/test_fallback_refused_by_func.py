@@ -29,7 +29,6 @@ from torch_secorder.analysis.eigensolvers import model_eigenvalues
 from torch_secorder.analysis.landscape import compute_loss_surface_1d
 from torch_secorder.approximations.gauss_newton import gauss_newton_matrix_approximation
 from torch_secorder.core import hvp as hvp_api
-from torch_secorder.problems._problem import STRATEGIES, module_problem
 from torch_secorder.core.gvp import jvp, model_jvp
 from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian_diagonal
 from torch_secorder.core.hessian_trace import (
@@ -39,6 +38,7 @@ from torch_secorder.core.hessian_trace import (
 )
 from torch_secorder.core.hvp import exact_hvp, gauss_newton_product, model_hvp
 from torch_secorder.linalg.probes import draw_probes
+from torch_secorder.problems._problem import STRATEGIES, module_problem
 
 DT = torch.float64
 KINDS = ("old_function", "backward_hook", "checkpoint")
