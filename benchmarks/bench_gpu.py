@@ -15,7 +15,8 @@ policy of :mod:`torch_secorder._chunks`), ``engine`` (the bare engine,
 peers: curvlinops 3.0.1 (``HessianLinearOperator`` + ``hutchinson_trace``),
 PyHessian 0.1 (``hessian.trace``), torch-secorder 0.0.1 (``hvp.hessian_trace``).
 Then the exact diagonal against BackPACK's ``DiagHessian`` on the MLPs, and the
-accuracy cost of TF32 matmuls (HVP relative error against float64).
+accuracy cost of TF32 (``bench_tf32_accuracy.accuracy_table``: HVP, trace and top
+eigenvalue against float64; real TF32 on CUDA, emulated on the CPU).
 
     python benchmarks/bench_gpu.py                # on cuda, the issue's sizes
     python benchmarks/bench_gpu.py --device cpu --quick   # a smoke run on the CPU
@@ -27,7 +28,6 @@ ours is printed beside it.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import statistics
@@ -43,6 +43,7 @@ from benchmarks._models import Problem, mlp  # noqa: E402
 from benchmarks._peers import load_backpack  # noqa: E402
 from benchmarks._timing import busy_warning, print_table, sync, time_call  # noqa: E402
 from benchmarks.bench_hutchinson import peers  # noqa: E402
+from benchmarks.bench_tf32_accuracy import accuracy_table  # noqa: E402
 from torch_secorder.core.hessian_diagonal import model_hessian_diagonal  # noqa: E402
 from torch_secorder.core.hessian_trace import model_hessian_trace_estimate  # noqa: E402
 from torch_secorder.func import hutchinson_trace_estimate  # noqa: E402
@@ -261,39 +262,6 @@ def _copy_sequential(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def tf32_accuracy(cases: dict[str, Problem], device: str) -> None:
-    """Relative error of one HVP with TF32 matmuls, and in plain float32, against float64."""
-    if not device.startswith("cuda"):
-        print("\nTF32: only on CUDA (this run is on the CPU)")
-        return
-    print("\nTF32 accuracy: ||Hv - Hv_64|| / ||Hv_64||")
-    for name, problem in cases.items():
-        _, params, f = _pure(problem)
-        g = torch.Generator(device=device).manual_seed(0)
-        v = {k: torch.randn(p.shape, generator=g, device=device) for k, p in params.items()}
-        model64 = _copy_sequential(problem.model).double()
-        params64 = {k: p.detach() for k, p in model64.named_parameters() if p.requires_grad}
-        x64 = problem.inputs.double() if problem.inputs.is_floating_point() else problem.inputs
-        y64 = problem.targets.double() if problem.targets.is_floating_point() else problem.targets
-
-        def f64(p, problem=problem, model64=model64, x64=x64, y64=y64):
-            return problem.loss_fn(torch.func.functional_call(model64, p, (x64,)), y64)
-
-        ref = hvp(f64, params64, {k: t.double() for k, t in v.items()})
-        norm = math.sqrt(sum(float((r**2).sum()) for r in ref.values()))
-        errors = {}
-        for label, allow in (("float32", False), ("tf32", True)):
-            previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
-            try:
-                out = hvp(f, params, v)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
-            err = math.sqrt(sum(float(((out[k].double() - ref[k]) ** 2).sum()) for k in ref))
-            errors[label] = err / norm
-        print(f"  {name}: float32 {errors['float32']:.2e}, tf32 {errors['tf32']:.2e}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -311,7 +279,8 @@ def main() -> None:
     cases = problems(args.device, args.quick)
     trace_table(cases, args.probes, args.repeats, args.device)
     diagonal_table(cases, args.repeats, args.device)
-    tf32_accuracy(cases, args.device)
+    # real TF32 on CUDA, emulated by rounding on the CPU
+    accuracy_table(cases, args.device)
 
 
 if __name__ == "__main__":
