@@ -159,9 +159,10 @@ def test_probe_stream_is_cut_from_fixed_blocks(total, dim, rows, cuts, distribut
         stream.take(1)
 
 
-def test_one_block_is_the_plain_draw():
+def test_one_block_is_the_plain_draw(monkeypatch):
     """Up to DRAW_ENTRIES entries, the stream is draw_probes of all the probes at once."""
-    m, dim = 64, probes_module.DRAW_ENTRIES // 64
+    monkeypatch.setattr(probes_module, "DRAW_ENTRIES", 64 * 50)
+    m, dim = 64, 50
     stream = ProbeStream(
         m, dim, distribution="gaussian", generator=torch.Generator().manual_seed(2)
     )

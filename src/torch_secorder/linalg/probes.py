@@ -68,8 +68,10 @@ def draw_probes(
     return signs * keep.to(dtype) / density**0.5
 
 
-#: Entries (rows x ``dim``) of one draw of a :class:`ProbeStream`: 4 MiB in float32.
-DRAW_ENTRIES = 2**20
+#: Entries (rows x ``dim``) of one draw of a :class:`ProbeStream`: 64 MiB in float32,
+#: the size of a default chunk on the CPU (so that there the blocks are the chunks),
+#: and few draws (kernel launches) per chunk on a GPU.
+DRAW_ENTRIES = 2**24
 
 
 class ProbeStream:
