@@ -197,7 +197,7 @@ def hutchinson_diagonal(
         return _exact(matmat, dim, dtype, device, chunk_size, progress)
     stream = ProbeStream(
         num_samples, dim, distribution=distribution, generator=generator, dtype=dtype, device=device
-    )
+    ).prefetch()  # drawn before the first chunk is measured
     pieces = schedule(num_samples, chunk_size, resolve_device(device, generator), dim)
     moments = RunningMoments()
     for start, stop in progress_bar(pieces, enabled=progress, desc="Diagonal probes"):

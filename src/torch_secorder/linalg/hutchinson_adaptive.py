@@ -121,7 +121,7 @@ def hutchinson_adaptive(
         chunk_size = min(min_samples, static_chunk_size(max_matvecs, dim, resolve_device(device)))
     stream = ProbeStream(
         max_matvecs, dim, distribution=distribution, generator=generator, dtype=dtype, device=device
-    )
+    ).prefetch()  # drawn before the first chunk is measured
     pieces = schedule(max_matvecs, chunk_size, device, dim)
     values: list[torch.Tensor] = []
     count, mean, m2 = 0, 0.0, 0.0  # Welford's moments of the values, probe by probe

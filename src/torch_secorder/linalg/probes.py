@@ -122,16 +122,29 @@ class ProbeStream:
         }
         self._block: Tensor | None = None
 
+    def _empty(self) -> bool:
+        return self._block is None or self._block.shape[0] == 0
+
+    def _refill(self) -> None:
+        rows = min(self.rows, self.left)
+        self.left -= rows
+        self._block = draw_probes(rows, self.dim, **self._draw)
+
+    def prefetch(self) -> ProbeStream:
+        """Draw the next block now if none is held (outside a chunk whose memory is measured)."""
+        if self._empty() and self.left > 0:
+            self._refill()
+        return self
+
     def take(self, num: int) -> Tensor:
         """The next ``num`` probes, a ``(num, dim)`` tensor."""
         pieces: list[Tensor] = []
         while num > 0:
-            if self._block is None or self._block.shape[0] == 0:
+            if self._empty():
                 if self.left == 0:
                     raise ValueError(f"the stream has no probes left for {num} more")
-                rows = min(self.rows, self.left)
-                self.left -= rows
-                self._block = draw_probes(rows, self.dim, **self._draw)
+                self._refill()
+            assert self._block is not None
             piece, self._block = self._block[:num], self._block[num:]
             pieces.append(piece)
             num -= piece.shape[0]

@@ -115,7 +115,7 @@ def hutchinson(
     check_generator(generator, device)
     stream = ProbeStream(
         num_samples, dim, distribution=distribution, generator=generator, dtype=dtype, device=device
-    )
+    ).prefetch()  # drawn before the first chunk is measured
     pieces = schedule(num_samples, chunk_size, resolve_device(device, generator), dim)
     values = []
     for start, stop in progress_bar(pieces, enabled=progress, desc="Hutchinson probes"):
