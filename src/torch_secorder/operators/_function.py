@@ -28,14 +28,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import optree
-import torch
 from torch import Tensor
-from torch.func import grad, vmap
 
 from torch_secorder._chunks import chunk_entries
 from torch_secorder.func._fixes import differentiable
-from torch_secorder.linalg.trace import chunk_ranges
-from torch_secorder.problems._fallback import is_functional_refusal
+from torch_secorder.problems._per_sample import per_sample_gradients
 from torch_secorder.problems._problem import LossProblem, closure_problem, narrow_to
 
 __all__ = ["FunctionSource", "function_per_sample_grads", "function_problem"]
@@ -185,30 +182,4 @@ def function_per_sample_grads(
     point = {name: source.values[name] for name in names}
     dim = sum(t.numel() for t in point.values())
     step = chunk_size or max(1, chunk_entries(cut[0].device) // max(dim, 1))
-    per_sample = vmap(grad(differentiable(sample_loss)), in_dims=(None, 0))
-
-    def looped(start: int, stop: int) -> dict[str, Tensor]:
-        rows = []
-        for i in range(start, stop):
-            values = {name: t.clone().requires_grad_() for name, t in point.items()}
-            with torch.enable_grad():
-                loss = differentiable(sample_loss)(values, [t[i] for t in cut])
-                found = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
-            rows.append(
-                [torch.zeros_like(t) if g is None else g for t, g in zip(point.values(), found)]
-            )
-        return {name: torch.stack([r[j] for r in rows]) for j, name in enumerate(names)}
-
-    loop = False
-    for start, stop in chunk_ranges(num_samples, step):
-        grads = None
-        if not loop:
-            try:
-                grads = per_sample(point, [t[start:stop] for t in cut])
-            except RuntimeError as exc:
-                if not is_functional_refusal(exc):
-                    raise
-                loop = True
-        if grads is None:
-            grads = looped(start, stop)
-        on_chunk(grads)
+    per_sample_gradients(differentiable(sample_loss), point, cut, step, on_chunk)

@@ -84,6 +84,26 @@ class _GraphCaching(CurvatureOperator):
         """What a kept product is of (the parameters, the route, the chunk)."""
         raise NotImplementedError
 
+    def _batch_problem(self, inputs: Any, targets: Any) -> Any:
+        """The batch's problem (a context manager), read by :meth:`_problem_diagonal`."""
+        raise NotImplementedError
+
+    def _problem_diagonal(self, problem: Any, targets: Any) -> Tensor:
+        """The exact diagonal, flat, of the batch's problem (its own random draws)."""
+        raise NotImplementedError
+
+    def _batch_diagonal(self, index: int, inputs: Any, targets: Any) -> Tensor:
+        with self._batch_problem(inputs, targets) as problem:
+            if not problem.active:
+                return torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+            if self._caching() is None or not draws_random(problem):
+                return self._problem_diagonal(problem, targets)
+        kept = self._kept_diagonal(index, inputs, targets)  # the products' own masks
+        if kept is not None:
+            return kept
+        with self._batch_problem(inputs, targets) as problem:
+            return self._problem_diagonal(problem, targets)
+
     def _kept_diagonal(self, index: int, inputs: Any, targets: Any) -> Tensor | None:
         r"""Batch ``index``'s diagonal as :math:`e_i^\top A_b e_i` through its kept products.
 
@@ -248,7 +268,7 @@ class HessianOperator(_GraphCaching):
         op._cache = GraphCache(0)  # (its products rebuild every batch)
         return op
 
-    def _problem(self, inputs: Any, targets: Tensor):
+    def _batch_problem(self, inputs: Any, targets: Any) -> Any:
         if self.function is not None:  # inputs: the batch of f
             return function_problem(self.function, inputs, self.names)
         return module_problem(self.model, self.loss_fn, inputs, targets, only=self.names)
@@ -262,7 +282,7 @@ class HessianOperator(_GraphCaching):
         if kept is not None:
             return kept
         cache = self._caching()
-        with self._problem(inputs, targets) as problem:
+        with self._batch_problem(inputs, targets) as problem:
             if not problem.active:
                 return torch.zeros_like(V)
             product = problem.matmat(self.strategy, self.chunk_size)
@@ -273,18 +293,8 @@ class HessianOperator(_GraphCaching):
                 cache.store(self.model, key, index, inputs, targets, product)
             return result
 
-    def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
-        with self._problem(inputs, targets) as problem:
-            if not problem.active:
-                return torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-            random = self._caching() is not None and draws_random(problem)
-            if not random:
-                return tree_ravel(list(active_hessian_diagonal(problem, self.chunk_size, False)))
-        kept = self._kept_diagonal(index, inputs, targets)  # the products' own masks
-        if kept is not None:
-            return kept
-        with self._problem(inputs, targets) as problem:
-            return tree_ravel(list(active_hessian_diagonal(problem, self.chunk_size, False)))
+    def _problem_diagonal(self, problem: Any, targets: Any) -> Tensor:
+        return tree_ravel(list(active_hessian_diagonal(problem, self.chunk_size, False)))
 
 
 class GGNOperator(_GraphCaching):
@@ -367,7 +377,7 @@ class GGNOperator(_GraphCaching):
         op._cache = GraphCache(0)  # (its products rebuild every batch)
         return op
 
-    def _output_problem(self, inputs: Any, targets: Any):
+    def _batch_problem(self, inputs: Any, targets: Any) -> Any:
         """Batch's output as a problem of the operator's parameters (both forms)."""
         if self.function is not None:  # inputs (and targets): the batch of f
             return function_problem(self.function, inputs, self.names, loss=self.loss_fn)
@@ -383,7 +393,7 @@ class GGNOperator(_GraphCaching):
         if kept is not None:
             return kept
         cache = self._caching()
-        with self._output_problem(inputs, targets) as problem:
+        with self._batch_problem(inputs, targets) as problem:
             if cache is None or not problem.active or problem.graph_refused():
                 return problem_ggn_matmat(problem, self.loss_fn, targets, V, self.chunk_size)
             # The product on one autograd graph of the batch (the route of models that
@@ -405,20 +415,9 @@ class GGNOperator(_GraphCaching):
             cache.store(self.model, key, index, inputs, targets, product)
             return result
 
-    def _batch_diagonal(self, index: int, inputs: Any, targets: Tensor) -> Tensor:
-        with self._output_problem(inputs, targets) as problem:
-            if not problem.active:
-                return torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-            if self._caching() is None or not draws_random(problem):
-                return tree_ravel(
-                    problem_ggn_diagonal(problem, self.loss_fn, targets, chunk_size=self.chunk_size)
-                )
-        kept = self._kept_diagonal(index, inputs, targets)  # the products' own masks
-        if kept is not None:
-            return kept
-        with self._output_problem(inputs, targets) as problem:
-            diag = problem_ggn_diagonal(problem, self.loss_fn, targets, chunk_size=self.chunk_size)
-            return tree_ravel(diag)
+    def _problem_diagonal(self, problem: Any, targets: Any) -> Tensor:
+        diag = problem_ggn_diagonal(problem, self.loss_fn, targets, chunk_size=self.chunk_size)
+        return tree_ravel(diag)
 
 
 class EmpiricalFisherOperator(CurvatureOperator):

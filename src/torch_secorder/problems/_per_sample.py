@@ -30,7 +30,7 @@ from torch_secorder.problems._inputs import check_module
 from torch_secorder.problems._model_function import ModelFunction
 from torch_secorder.problems._purity import preserved_state
 
-__all__ = ["empirical_sq_sum"]
+__all__ = ["empirical_sq_sum", "per_sample_gradients"]
 
 
 def _batch_size(inputs: Any, targets: Any) -> int:
@@ -59,6 +59,68 @@ def _batch_size(inputs: Any, targets: Any) -> int:
     return n
 
 
+def per_sample_gradients(
+    sample_loss: Callable[[dict[str, Tensor], list[Tensor]], Tensor],
+    point: dict[str, Tensor],
+    cut: list[Tensor],
+    chunk_size: int,
+    on_chunk: Callable[[dict[str, Tensor]], None],
+    *,
+    evaluation: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    loop: bool = False,
+    create_graph: bool = False,
+) -> None:
+    r"""Feed ``on_chunk`` the per-sample gradients :math:`\nabla_\theta \ell_i`, chunk by chunk.
+
+    :math:`\ell_i` = ``sample_loss(point, [t[i] for t in cut])``: each tensor of
+    ``cut`` holds the samples along its leading dimension, and ``sample_loss`` gets
+    sample :math:`i`'s slices (without that dimension) and returns its scalar loss;
+    it must already run under the operator fixes
+    (:func:`~torch_secorder.func._fixes.differentiable`).  ``chunk_size`` samples at
+    a time by ``vmap(grad(sample_loss))``, each chunk under ``evaluation()`` (the
+    model's fresh random draws); where ``torch.func`` refuses the loss, or with
+    ``loop``, one backward pass per sample (each under ``evaluation()``).
+    ``on_chunk`` receives a dict from name to a ``(samples, *shape)`` tensor.  With
+    ``create_graph`` the gradients are differentiable with respect to ``point``.
+    """
+    n = cut[0].shape[0]
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different")
+    leaves = (
+        point if create_graph else {name: t.detach().requires_grad_() for name, t in point.items()}
+    )
+
+    def looped(start: int, stop: int) -> dict[str, Tensor]:
+        """The per-sample gradients of samples ``start:stop``, one backward pass each."""
+        rows = []
+        with torch.enable_grad():
+            for i in range(start, stop):
+                with evaluation():
+                    loss = sample_loss(leaves, [t[i] for t in cut])
+                rows.append(
+                    torch.autograd.grad(
+                        loss, list(leaves.values()), allow_unused=True, create_graph=create_graph
+                    )
+                )
+        return {
+            name: torch.stack([torch.zeros_like(t) if r[j] is None else r[j] for r in rows])
+            for j, (name, t) in enumerate(leaves.items())
+        }
+
+    for start, stop in chunk_ranges(n, chunk_size):
+        grads = None
+        if not loop:
+            try:
+                with evaluation():
+                    grads = per_sample(point, [t[start:stop] for t in cut])
+            except RuntimeError as exc:
+                if not is_functional_refusal(exc):
+                    raise
+                loop = True
+        if grads is None:
+            grads = looped(start, stop)
+        on_chunk(grads)
+
+
 def empirical_sq_sum(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -75,7 +137,7 @@ def empirical_sq_sum(
     With ``create_graph`` the sums are differentiable with respect to the parameters.
     The model is evaluated through the one adapter,
     :class:`~torch_secorder.problems._model_function.ModelFunction`, on one sample at a
-    time (a batch of one).
+    time (a batch of one), by :func:`per_sample_gradients`.
     """
     check_module(model)
     if not callable(loss_fn):
@@ -98,56 +160,28 @@ def empirical_sq_sum(
         point = {name: p if create_graph else p.detach() for name, p in active}
 
         @differentiable
-        def sample_loss(values: dict[str, Tensor], x: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        def sample_loss(values: dict[str, Tensor], sample: list[Tensor]) -> Tensor:
+            *x, y = sample
             out = model_fn(values, tuple(a.unsqueeze(0) for a in x))
             return loss_fn(out, y.unsqueeze(0))
 
-        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
-        leaves = (
-            point
-            if create_graph
-            else {name: t.detach().requires_grad_() for name, t in point.items()}
-        )
-
-        def looped(start: int, stop: int) -> dict[str, Tensor]:
-            """The per-sample gradients of samples ``start:stop``, one backward pass each."""
-            rows = []
-            with torch.enable_grad():
-                for i in range(start, stop):
-                    with rewind.evaluation(replay=False):  # fresh dropout per sample
-                        loss = sample_loss(leaves, tuple(a[i] for a in args), targets[i])
-                    rows.append(
-                        torch.autograd.grad(
-                            loss,
-                            list(leaves.values()),
-                            allow_unused=True,
-                            create_graph=create_graph,
-                        )
-                    )
-            return {
-                name: torch.stack([torch.zeros_like(t) if r[j] is None else r[j] for r in rows])
-                for j, (name, t) in enumerate(leaves.items())
-            }
-
-        # vmap cannot batch the recurrent kernels (nor run what torch.func refuses).
-        loop = has_recurrent_module(model)
         sums = {name: torch.zeros_like(p) for name, p in point.items()}
-        for start, stop in chunk_ranges(n, chunk_size):
-            grads = None
-            if not loop:
-                try:
-                    with rewind.evaluation(replay=False):  # fresh dropout per sample
-                        grads = per_sample(
-                            point, tuple(a[start:stop] for a in args), targets[start:stop]
-                        )
-                except RuntimeError as exc:
-                    if not is_functional_refusal(exc):
-                        raise
-                    loop = True
-            if grads is None:
-                grads = looped(start, stop)
+
+        def add(grads: dict[str, Tensor]) -> None:
             if on_chunk is not None:
                 on_chunk(grads)
             for name in sums:
                 sums[name] = sums[name] + (grads[name] ** 2).sum(0)
+
+        per_sample_gradients(
+            sample_loss,
+            point,
+            [*args, targets],
+            chunk_size,
+            add,
+            evaluation=lambda: rewind.evaluation(replay=False),  # fresh dropout per sample
+            # vmap cannot batch the recurrent kernels (nor run what torch.func refuses)
+            loop=has_recurrent_module(model),
+            create_graph=create_graph,
+        )
     return [sums[name] if name in sums else torch.zeros_like(p) for name, p in named], n
