@@ -91,8 +91,22 @@ class MemoryReader:
     """Device memory readings (bytes); a stub replaces it in tests."""
 
     def free(self, device: torch.device) -> int:
-        """Free memory on ``device`` as the driver reports it."""
-        return int(torch.cuda.mem_get_info(device)[0])
+        """Memory on ``device`` that this process's tensors can still take.
+
+        What the driver reports free (``torch.cuda.mem_get_info``) plus what
+        PyTorch's caching allocator holds reserved but unallocated (its cached
+        blocks serve new tensors first), and at most what a per-process cap leaves
+        (``torch.cuda.set_per_process_memory_fraction``: that share of the card's
+        memory, less what is allocated).
+        """
+        driver_free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        cached = torch.cuda.memory_reserved(device) - allocated
+        free = int(driver_free) + max(int(cached), 0)
+        share = _process_share(device)
+        if share < 1.0:
+            free = min(free, int(share * int(total)) - int(allocated))
+        return max(free, 0)
 
     def allocated(self, device: torch.device) -> int:
         """Memory held by tensors on ``device`` now."""
@@ -109,6 +123,17 @@ class MemoryReader:
 
 #: The readings the policy uses.
 memory_reader = MemoryReader()
+
+
+def _process_share(device: torch.device) -> float:
+    """The per-process memory fraction set on ``device`` (1.0 where none is, or unknown)."""
+    reader = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if reader is None:  # pragma: no cover - older torch
+        return 1.0
+    try:
+        return float(reader(device))
+    except (RuntimeError, ValueError, TypeError):  # pragma: no cover - no such device
+        return 1.0
 
 
 def _is_cuda(device: torch.device | None) -> bool:
