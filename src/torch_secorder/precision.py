@@ -28,12 +28,15 @@ The accuracy cost: a TF32 operand carries a relative rounding error of at most
 :math:`u = 2^{-11} \approx 4.9 \times 10^{-4}` (float32: :math:`2^{-24}`), so one
 matrix product is off by about :math:`u` relative to its size, and a product
 through :math:`L` layers by about :math:`u\sqrt{L}` (independent roundings add up
-like a random walk).  An HVP's relative error is then of order :math:`10^{-3}`
-instead of :math:`10^{-6}`: harmless beside the statistical error of a stochastic
-trace (a few percent at 100 probes), usually harmless for a top eigenvalue to 2-3
-digits, but not for results meant to 6 digits, small eigenvalues of an
-ill-conditioned Hessian, or a Hessian diagonal compared against float64.  Measured
-figures for three models: ``benchmarks/bench_tf32_accuracy.py``.
+like a random walk).  Measured by emulation (``benchmarks/bench_tf32_accuracy.py``,
+against float64): one HVP is off by :math:`3 \times 10^{-4}` to :math:`10^{-2}`
+(a 2-layer GPT: attention and cancellation amplify the rounding) instead of
+:math:`10^{-6}` in float32; Hutchinson's trace with the same probes by
+:math:`10^{-5}` to :math:`2 \times 10^{-3}`; the largest eigenvalue by
+:math:`10^{-5}`.  That is harmless beside the statistical error of a stochastic
+trace (a few percent at 100 probes) and for a top eigenvalue to 3-4 digits, but
+not for results meant to 6 digits, small eigenvalues of an ill-conditioned
+Hessian, or a Hessian diagonal compared against float64.
 
 :func:`emulate_tf32` measures that cost without a GPU: under it, every float32
 matrix product and convolution the dispatcher runs (also inside autograd's backward
