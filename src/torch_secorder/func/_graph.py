@@ -260,8 +260,15 @@ class _Plan:
         return lazy is not None and not lazy[1].useful
 
     def _by_out(self) -> dict[int, _Step]:
+        """The step that made each tensor (a call returning its own input, e.g. eval
+        dropout, is the identity and not its maker)."""
         if getattr(self, "_by_out_cache", None) is None:
-            self._by_out_cache = {id(o): st for st in self.walk for o in st.outs}
+            self._by_out_cache = {
+                id(o): st
+                for st in self.walk
+                for o in st.outs
+                if not any(o is t for t in st.call.tensor_inputs())
+            }
         return self._by_out_cache
 
     def banded(self, step: _Step) -> tuple[list[_Step], _Step] | None:
@@ -450,6 +457,7 @@ class _Backprop:
         self.budget = budget
         self.max_columns = max_columns
         self.acc: dict[tuple[int, str], Tensor] = {}
+        self.rows: dict[int, tuple[Site, Tensor]] = {}
         self.site_of = {id(s.call): s for s in plan.sites}
 
     def _add(self, site: Site, found: dict[str, Tensor]) -> None:
@@ -475,7 +483,7 @@ class _Backprop:
             site = self.site_of.get(id(step.call))
             z = step.call.out
             if site is not None and id(z) in diag:
-                self._add(site, site.diag_rows(site.to_rows(diag[id(z)])))
+                self._add_rows(site, diag[id(z)])
             if not step.useful:
                 for o in outs:
                     diag.pop(id(o), None)
@@ -509,7 +517,7 @@ class _Backprop:
                     self._add(*_banded(self.plan, step, d))
                 elif (lazy := self.plan.lazy(step)) is not None:
                     chain, below = lazy
-                    self._add(below.site, _lazy_read(step, chain, below, d))
+                    self._add_rows(below.site, _lazy_read(step, chain, d))
                     if below.useful:  # on below it: columns, the site read done
                         origins.append((step.index, True, o, d, below.index))
                 else:
@@ -519,7 +527,17 @@ class _Backprop:
                 self._walk_diag(start, cols, sign, skip[0])
             else:
                 self._walk(start, False, cols, sign)
+        for site, h in self.rows.values():
+            self._add(site, site.diag_at_output(h))
         return self.acc
+
+    def _add_rows(self, site: Site, h: Tensor) -> None:
+        """Add to the diagonal of the site's output Hessian, read off once at the end
+        (:meth:`~torch_secorder.func._sites.Site.diag_rows` is linear in it)."""
+        key = id(site)
+        if key in self.rows:
+            h = self.rows[key][1] + h
+        self.rows[key] = (site, h)
 
     @staticmethod
     def _is_useful(step: _Step, key: int) -> bool:
@@ -590,13 +608,8 @@ class _Backprop:
         r""":math:`\sum_{k,n} s_{kn} (\partial_\theta \langle S_{kn}, z_n\rangle)^2` per role."""
         x = site.bound["input"]
         if site.kind == "linear" and x.dim() == 2:
-            h = torch.einsum("kno,kn->no", s * s, sign)
-            out = {}
-            if "weight" in site.roles:
-                out["weight"] = h.T @ (x * x)
-            if "bias" in site.roles:
-                out["bias"] = h.sum(0)
-            return out
+            self._add_rows(site, _signed(s * s, sign))
+            return {}
         if site.kind == "linear":
             return _linear_squares(site, s, sign, self.budget)
         if site.kind in ("layer_norm", "rms_norm"):
@@ -610,6 +623,11 @@ class _Backprop:
             if found is not None:
                 return found
         return _per_sample_squares(site, s, sign, self.budget)
+
+
+def _signed(values: Tensor, sign: Tensor) -> Tensor:
+    """:math:`\\sum_k s_{kn} v_{kn\\ldots}`: ``values`` ``(K, N, ...)``, ``sign`` ``(K, N)``."""
+    return (values * sign.reshape(*sign.shape, *([1] * (values.dim() - 2)))).sum(0)
 
 
 def _plain_conv2d(call: Call) -> bool:
@@ -696,18 +714,17 @@ def _banded(plan: _Plan, step: _Step, r: Tensor) -> tuple[Site, dict[str, Tensor
     return site, found
 
 
-def _lazy_read(step: _Step, chain: list[_Step], below: _Step, r: Tensor) -> dict[str, Tensor]:
-    r"""The linear site ``below``'s diagonal from :math:`(AD)^\top \operatorname{diag}(r)
-    (AD)` (``A`` the weight of ``step``, ``D`` the Jacobians of ``chain``): its diagonal
-    :math:`d^2 \odot ((A \odot A)^\top r)` at the site's output (see :meth:`_Plan.lazy`)."""
+def _lazy_read(step: _Step, chain: list[_Step], r: Tensor) -> Tensor:
+    r"""The diagonal :math:`d^2 \odot ((A \odot A)^\top r)` of :math:`(AD)^\top
+    \operatorname{diag}(r) (AD)` (``A`` the weight of ``step``, ``D`` the Jacobians of
+    ``chain``) at the site's output below (see :meth:`_Plan.lazy`)."""
     call = step.call
     weight = call.kwargs.get("weight", call.args[1] if len(call.args) > 1 else None)
     h = r @ (weight * weight)
     for st in chain:
         jac = st.jacobian()
         h = h * jac * jac
-    site = below.site
-    return site.diag_rows(site.to_rows(h))
+    return h
 
 
 def _linear_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str, Tensor]:
@@ -727,7 +744,7 @@ def _linear_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[st
         out["weight"] = total
     if "bias" in site.roles:
         b = sr.sum(2)
-        out["bias"] = torch.einsum("kno,kn->o", b * b, sign)
+        out["bias"] = _signed(b * b, sign).sum(0)
     return out
 
 
@@ -744,10 +761,10 @@ def _norm_squares(site: Site, s: Tensor, sign: Tensor) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     if "weight" in site.roles:
         per = (sr * xhat.reshape(1, n, -1, units)).sum(2)
-        out["weight"] = torch.einsum("knu,kn->u", per * per, sign)
+        out["weight"] = _signed(per * per, sign).sum(0)
     if "bias" in site.roles:
         per = sr.sum(2)
-        out["bias"] = torch.einsum("knu,kn->u", per * per, sign)
+        out["bias"] = _signed(per * per, sign).sum(0)
     return out
 
 
@@ -759,10 +776,10 @@ def _channel_squares(site: Site, s: Tensor, sign: Tensor) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     if "weight" in site.roles:
         per = (sr * xhat.reshape(1, n, c, -1)).sum(3)
-        out["weight"] = torch.einsum("knc,kn->c", per * per, sign)
+        out["weight"] = _signed(per * per, sign).sum(0)
     if "bias" in site.roles:
         per = sr.sum(3)
-        out["bias"] = torch.einsum("knc,kn->c", per * per, sign)
+        out["bias"] = _signed(per * per, sign).sum(0)
     return out
 
 
@@ -776,7 +793,7 @@ def _embedding_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict
     sr = s.reshape(k, n, t, -1)  # (K, N, T, E)
     # sum over tokens v of (sum_{t: idx = v} S_t)^2 = sum_t S_t * (sum_{t' ~ t} S_t'),
     # gathered back into row idx_t of the table
-    rows = torch.einsum("knte,kn->nte", sr * (same @ sr), sign)  # (N, T, E)
+    rows = _signed(sr * (same @ sr), sign)  # (N, T, E)
     total = torch.zeros_like(w)
     total.index_add_(0, flat.reshape(-1), rows.reshape(n * t, -1))
     return {"weight": total}
@@ -817,11 +834,11 @@ def _conv_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str,
         total = x.new_zeros(groups, c_out // groups, patches.shape[2])
         for lo in range(0, k, chunk):
             per = torch.einsum("kngol,ngjl->kngoj", cols[lo : lo + chunk], patches)
-            total = total + torch.einsum("kngoj,kn->goj", per * per, sign[lo : lo + chunk])
+            total = total + _signed(per * per, sign[lo : lo + chunk]).sum(0)
         out["weight"] = total.reshape(b["weight"].shape)
     if "bias" in site.roles:
         sums = s.reshape(k, n, c_out, -1).sum(-1)
-        out["bias"] = torch.einsum("kno,kn->o", sums * sums, sign)
+        out["bias"] = _signed(sums * sums, sign).sum(0)
     return out
 
 

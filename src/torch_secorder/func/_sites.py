@@ -213,7 +213,10 @@ class Site:
 
     def diag_rows(self, h: Tensor) -> dict[str, Tensor]:
         """Parameter diagonals from ``h`` (``(N, T, U)``, the output Hessian's diagonal)."""
-        hz = self.from_rows(h)
+        return self.diag_at_output(self.from_rows(h))
+
+    def diag_at_output(self, hz: Tensor) -> dict[str, Tensor]:
+        """:meth:`diag_rows` from the diagonal ``hz`` laid out like the output ``z``."""
         b = self.bound
         out: dict[str, Tensor] = {}
         with torch.no_grad():
