@@ -152,6 +152,12 @@ class PerturbMode(TorchFunctionMode):
         return out
 
 
+def _redirects_reads(mode: Any) -> bool:
+    """Whether ``mode`` now hands torch calls other tensors than those they are given."""
+    redirects = getattr(mode, "redirects_reads", None)
+    return bool(redirects()) if callable(redirects) else False
+
+
 @contextlib.contextmanager
 def outside_modes() -> Iterator[None]:
     """Run our own arithmetic on recorded tensors outside the active torch-function modes.
@@ -163,11 +169,18 @@ def outside_modes() -> Iterator[None]:
     per torch call.  The modes are popped for the duration (a ``torch.device``
     context stays, so that tensors are made where the user asked) and pushed back
     in their order; modes pushed inside (``differentiable``'s) work as usual.
+
+    A mode that redirects reads of the user's tensors stays too: the
+    state-preserving mode, once the evaluation wrote into a buffer, makes every
+    torch call read its private copy instead of the user's tensor, and the recorded
+    calls hold the user's tensor (a call counter ``self.calls[0] += 1`` read after
+    the write).  Such a mode says so by a method ``redirects_reads()`` returning
+    ``True``.
     """
     popped = []
     while torch._C._len_torch_function_stack() > 0:
         popped.append(_pop_mode())
-    kept = [m for m in reversed(popped) if isinstance(m, DeviceContext)]
+    kept = [m for m in reversed(popped) if isinstance(m, DeviceContext) or _redirects_reads(m)]
     for mode in kept:
         _push_mode(mode)
     try:

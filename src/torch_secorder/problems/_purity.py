@@ -246,6 +246,15 @@ class PreservingMode(TorchFunctionMode):
         # storage key -> (dtype, private flat copy of the storage)
         self._shadows: dict[tuple[torch.device, int], tuple[torch.dtype, Tensor]] = {}
 
+    def redirects_reads(self) -> bool:
+        """Whether torch calls now read a shadow in place of some user's tensor.
+
+        True once the evaluation wrote into a tensor that existed before; arithmetic
+        on tensors recorded during it must then run under this mode (see
+        :func:`torch_secorder.func._tape.outside_modes`).
+        """
+        return bool(self._shadows)
+
     def reset(self) -> None:
         """Forget the shadows: the next evaluation reads the user's tensors again."""
         self._shadows = {}
