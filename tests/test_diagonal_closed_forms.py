@@ -217,3 +217,34 @@ def test_user_mode_sees_the_loss_and_the_result_is_exact():
         found = fast_hessian_diagonal(f, params)
     assert counting.calls > 0  # the recorded evaluation ran under the user's mode
     assert_close(found, dense_hessian_diagonal(built))
+
+
+_W = torch.randn(5, dtype=DT, generator=torch.Generator().manual_seed(0))
+_W2 = torch.randn(3, 5, dtype=DT, generator=torch.Generator().manual_seed(1))
+TRANSPOSES = [
+    (lambda x: F.layer_norm(x, (5,), _W, -_W), (2, 4, 5)),
+    (lambda x: F.layer_norm(x, (5,)), (2, 4, 5)),
+    (lambda x: F.layer_norm(x, (3, 5), _W2, None, 1e-3), (2, 3, 5)),
+    (lambda x: torch.softmax(x, -1), (2, 4, 5)),
+    (lambda x: torch.softmax(x, 1), (2, 4, 5)),
+    (lambda x: F.log_softmax(x, dim=-1), (2, 4, 5)),
+    (lambda x: x.permute(0, 2, 1), (2, 4, 5)),
+    (lambda x: x.permute(2, 0, 1), (2, 4, 5)),
+    (lambda x: x.transpose(-2, -1), (2, 4, 5)),
+    (lambda x: torch.transpose(x, 0, 2), (2, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("index", range(len(TRANSPOSES)))
+def test_closed_form_jacobian_transposes(index):
+    """Layer norm, softmax, log-softmax, permute, transpose: equal to ``torch.func.vjp``."""
+    fn, shape = TRANSPOSES[index]
+    torch.manual_seed(index)
+    x = torch.randn(*shape, dtype=DT)
+    calls, out = record(fn, x)
+    (call,) = [c for c in calls if c.out is out]
+    cols = torch.randn(3, *out.shape, dtype=DT)
+    found = rule_for(call).fast_vjp(call, [x], cols)
+    assert found is not None
+    expected = vmap(vjp(fn, x)[1])(cols)[0]
+    assert_close(found[0], expected)

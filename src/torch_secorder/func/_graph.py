@@ -610,6 +610,11 @@ class _Backprop:
         if site.kind == "linear" and x.dim() == 2:
             self._add_rows(site, _signed(s * s, sign))
             return {}
+        if site.kind in _LAZY_SITES and _one_position_each(s, _units(site)):
+            # each column lives on one position: its per-sample square is the square
+            # of that position's entries, a diagonal read like the rows route's
+            self._add_rows(site, _signed(s * s, sign))
+            return {}
         if site.kind == "linear":
             return _linear_squares(site, s, sign, self.budget)
         if site.kind in ("layer_norm", "rms_norm"):
@@ -725,6 +730,21 @@ def _lazy_read(step: _Step, chain: list[_Step], r: Tensor) -> Tensor:
         jac = st.jacobian()
         h = h * jac * jac
     return h
+
+
+def _units(site: Site) -> int:
+    """Entries per position of a linear/layer-norm site's output (its unit axes)."""
+    return math.prod(site.shape[d] for d in site.unit_axes)
+
+
+def _one_position_each(s: Tensor, units: int) -> bool:
+    """Whether every column ``s[k, n]`` is zero outside one position (the entries of
+    ``s[k, n]`` that are not units; e.g. columns from a per-position residual)."""
+    k, n = s.shape[:2]
+    if s[0, 0].numel() == units:
+        return True
+    spread = (s.reshape(k, n, -1, units) != 0).any(-1).sum(-1)
+    return bool((spread <= 1).all())
 
 
 def _linear_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str, Tensor]:

@@ -280,6 +280,18 @@ class Softmax(Rule):
             return None
         return super().samples(call, active, kinds, n)
 
+    def fast_vjp(self, call, active, cols):
+        r""":math:`J^\top c = p \odot (c - \langle c, p\rangle)` (softmax),
+        :math:`c - p \sum c` (log-softmax), along the softmax axis."""
+        if call.args[0] is not active[0]:
+            return None
+        dim = self._dim(call) + 1
+        if self.log:
+            p = call.out.exp()
+            return [cols - p * cols.sum(dim, keepdim=True)]
+        p = call.out
+        return [p * (cols - (cols * p).sum(dim, keepdim=True))]
+
     def residual(self, call, active, g_out):
         x = active[0]
         dim = self._dim(call)
@@ -580,6 +592,30 @@ class Norm(Rule):
         shape[1] = -1
         return torch.zeros_like(call.out) + scale.reshape(shape)
 
+    def fast_vjp(self, call, active, cols):
+        r"""Layer norm over the trailing axes: :math:`J^\top c = \sigma^{-1}(u - \bar u
+        - \hat x\, \overline{u \hat x})` with :math:`u = c \odot w` (means over the
+        normalised axes), the derivative of :math:`\hat x = (x - \mu)/\sigma`."""
+        if self.kind != "layer_norm" or call.args[0] is not active[0]:
+            return None
+        x = active[0]
+        shape = _arg(call, 1, "normalized_shape")
+        weight, eps = _arg(call, 2, "weight"), _arg(call, 4, "eps", 1e-5)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if len(call.args) > 5 or set(call.kwargs) - {"weight", "bias", "eps"}:
+            return None
+        if weight is not None and not isinstance(weight, Tensor):
+            return None
+        dims = tuple(range(x.dim() - len(shape), x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+        rstd = (var + eps).rsqrt()
+        xhat = (x - mean) * rstd
+        u = cols if weight is None else cols * weight
+        kdims = tuple(d + 1 for d in dims)
+        res = rstd * (u - u.mean(kdims, keepdim=True) - xhat * (u * xhat).mean(kdims, keepdim=True))
+        return [res]
+
     def residual_ok(self, call, active):
         return _dense_ok(active)
 
@@ -791,6 +827,24 @@ class Moves(Rule):
             return _kind_at(axis - 1, outs, n) if axis > 0 else None
         if axis == 0 and _getitem_ok(call, x):
             return _kind_at(0, outs, n)
+        return None
+
+    def fast_vjp(self, call, active, cols):
+        """``permute``/``transpose``: the inverse move on the columns (after the column axis)."""
+        x = active[0]
+        if call.args[0] is not x:
+            return None
+        ndim = x.dim()
+        if call.name == "permute":
+            dims = call.args[1:] if len(call.args) > 2 else _arg(call, 1, "dims")
+            dims = [d % ndim for d in ((dims,) if isinstance(dims, int) else dims)]
+            inverse = [0] * ndim
+            for i, d in enumerate(dims):
+                inverse[d] = i
+            return [cols.permute(0, *[i + 1 for i in inverse])]
+        if call.name == "transpose":
+            d0, d1 = _arg(call, 1, "dim0") % ndim, _arg(call, 2, "dim1") % ndim
+            return [cols.transpose(d0 + 1, d1 + 1)]
         return None
 
 
