@@ -11,14 +11,18 @@ three kinds of terms, each crossing a call ``out = f(in)`` by the chain rule
 * **signed columns** ``S`` (``(K, *t.shape)``, each column living on one slice
   ``n``: ``S[k, n]`` is the ``k``-th column of slice ``n``, with a sign
   ``(K, N)``): the term :math:`\sum_k s_{kn} S_{kn} S_{kn}^\top`.  Crossing a
-  call maps every column by :math:`J^\top` (``torch.func.vjp`` of the recorded
-  call, vmapped over the columns); where a tensor is read twice (a residual
+  call maps every column by :math:`J^\top` (the rule's closed form,
+  :meth:`~torch_secorder.func._rules.Rule.fast_vjp`, or ``torch.func.vjp`` of the
+  recorded call, vmapped over the columns); where a tensor is read twice (a residual
   connection), the columns of one origin arriving from its readers add;
   columns of different origins are carried separately (one backward walk per
   origin, each in chunks of columns).
 * a **diagonal** :math:`\operatorname{diag}(r)`: kept as a diagonal across
   calls with a diagonal Jacobian (scaled by its square), and read off at an
   affine parameter site in closed form (:meth:`~torch_secorder.func._sites.Site.diag_rows`);
+  after one ``F.linear`` :math:`A` (and elementwise calls :math:`D`) it stays
+  lazy, :math:`(AD)^\top \operatorname{diag}(r) (AD)`, and a linear or
+  layer-norm site right below reads it by its diagonal (:meth:`_Plan.lazy`);
   where it meets any other call it becomes signed columns
   :math:`\sqrt{|r_i|}\, e_i` (as many per slice as the slice has entries).
 * the **residual** terms :math:`\sum_j g_j \nabla^2 out_j` of curved calls

@@ -24,26 +24,35 @@ that a term :math:`W^\top \operatorname{diag}(r) W` is read off as
 :math:`(W \odot W)^\top r` and only materialised (as signed columns, BackPACK's
 way) when it must cross a second linear layer.  Cost: a few matrix products
 per layer for a two-hidden-layer network; the GGN drops the
-:math:`\sigma''` terms.
+:math:`\sigma''` terms.  (The graph route below does the same work on these
+chains, lazy term included, and is as fast from a few hundred units on; on
+small MLPs this route's lighter bookkeeping still saves a few tenths of a
+millisecond, which is why it is kept.)
 
 **Graph route** (``"graph"``).  Otherwise the recorded calls are walked
 backwards as a graph (:mod:`torch_secorder.func._graph`, one rule per operation
 in :mod:`torch_secorder.func._rules`): the loss Hessian with respect to every
 tensor on the way is carried as signed columns (``C`` per sample for a
-``C``-class cross-entropy), a diagonal, and the residual terms of calls with a
-nonzero second derivative (activations, softmax, products such as
-:math:`QK^\top`, layer norm, the loss), each crossing a call by its Jacobian
-transpose; at every affine site the parameter diagonal is the signed sum of
-squared per-sample gradients of the columns.  Pooling, reshapes, slicing,
-padding, concatenation, residual additions (a tensor read twice: its columns
-add), eval-mode batch norm, layer/group/RMS norm, embeddings, grouped,
-transposed and 3-d convolutions and attention are covered; for a network of
-linear and piecewise-linear calls (ReLU, max pooling) only the loss's columns
-exist, the cost of the GGN.  The samples must stay apart: a call that mixes
-them (training-mode batch norm, a transposed batch axis) or that has no rule
-leaves the parameters upstream of it to the next routes, and so does an origin
-of columns estimated to cost more than sweeping the parameters above it (a
-diagonal term crossing wide convolutions: one column per entry of a sample).
+``C``-class cross-entropy, from its symmetric factor), a diagonal, and the
+residual terms of calls with a nonzero second derivative (activations, softmax,
+products such as :math:`QK^\top`, layer norm, the loss), each crossing a call by
+its Jacobian transpose (in closed form for linear layers, convolutions, pooling,
+layer norm, softmax, moves of axes and elementwise calls; ``torch.func.vjp``
+otherwise); at every affine site the parameter diagonal is the signed sum of
+squared per-sample gradients of the columns.  A diagonal term that crosses one
+``F.linear`` stays lazy, :math:`(AD)^\top \operatorname{diag}(r)(AD)`, down to
+the linear or layer-norm site below, which reads it by its diagonal
+:math:`d^2 \odot (A\odot A)^\top r`; one that crosses a 2-d convolution into a
+convolution site reading the data is read by its band of kernel offsets.
+Pooling, reshapes, slicing, padding, concatenation, residual additions (a tensor
+read twice: its columns add), eval-mode batch norm, layer/group/RMS norm,
+embeddings, grouped, transposed and 3-d convolutions and attention are covered;
+for a network of linear and piecewise-linear calls (ReLU, max pooling) only the
+loss's columns exist, the cost of the GGN. The samples must stay apart: a call
+that mixes them (training-mode batch norm, a transposed batch axis) or that has
+no rule leaves the parameters upstream of it to the next routes, and so does an
+origin of columns estimated to cost more than sweeping the parameters above it
+(a diagonal term crossing wide convolutions: one column per entry of a sample).
 
 **Layer route** (``"rows"``, ``"blocks"``).  For a parameter read by exactly one
 call of an operator affine in it (``F.linear``, ``F.conv*d``, ``F.embedding``,
@@ -67,8 +76,14 @@ tensor that requires grad): the other routes compute without autograd.
 
 Memory: at most ``chunk_size`` perturbations are in flight at once (default:
 about ``2**24`` tangent entries); the graph route walks its columns in chunks
-of at most ``2**24`` entries at a tensor (and at most ``chunk_size`` columns
-when given).
+of at most :func:`torch_secorder._chunks.chunk_entries` entries at a tensor (the
+device's chunk policy: ``2**24`` on the CPU, from the free memory on CUDA; at
+most ``chunk_size`` columns when given), and the chain route declines where its
+columns would exceed that budget.
+
+The closed-form arithmetic of the chain and graph routes runs outside the
+torch-function modes active at the call (:func:`~torch_secorder.func._tape.outside_modes`);
+the user's function itself is evaluated under them.
 """
 
 from __future__ import annotations
