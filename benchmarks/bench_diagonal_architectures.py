@@ -238,8 +238,15 @@ def _one(fn: Callable[[], Any]) -> float:
 
 
 def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, interleaved; one call each where one takes > 2 s."""
-    first = {name: _one(fn) for name, fn in fns.items()}  # also the warm-up
+    """Median seconds of each function, interleaved; one call each where one takes > 2 s.
+
+    Every function is called once untimed first: torch's one-time costs of a process
+    (e.g. the lazy import of ``torch._dynamo`` at the first convolution under a
+    torch-function mode, about 3 s) are nobody's per-call time.
+    """
+    for fn in fns.values():
+        fn()
+    first = {name: _one(fn) for name, fn in fns.items()}
     if max(first.values()) > 2.0:
         return first
     times: dict[str, list[float]] = {name: [] for name in fns}
