@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from torch_secorder import _chunks
 from torch_secorder.errors import StrictError
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._tree import tree_ravel, tree_unravel
-from torch_secorder.func.hvp import default_chunk_size
 from torch_secorder.linalg.progress import progress_bar
 from torch_secorder.linalg.trace import TraceEstimate, chunk_ranges, hutchinson
 from torch_secorder.problems._batch_checks import loss_of_output, targets_fit
@@ -205,18 +205,21 @@ class LossProblem:
         """Hutchinson estimate of the trace of the problem's Hessian (active tensors).
 
         Without a ``chunk_size``, probes are drawn and multiplied :data:`GRAPH_BATCH`
-        at a time on the graph routes (one big probe block was slower on CPU) and
-        in chunks of about ``2**24`` tangent entries on the vmap route.
+        at a time on the graph routes (one big probe block was slower on CPU) and,
+        on the vmap route, in the chunks of the device's policy
+        (:class:`~torch_secorder._chunks.ChunkSchedule`: about ``2**24`` tangent
+        entries on the CPU; on CUDA sized from the free memory and the peak measured
+        on a first chunk), each chunk one vmapped call.
         """
         resolved = self.resolve_strategy(strategy)
+        product_chunk = chunk_size
         if chunk_size is None:
-            chunk_size = (
-                default_chunk_size(num_samples, self.dim, self.device)
-                if resolved == "vmap"
-                else GRAPH_BATCH
-            )
+            if resolved == "vmap":  # the schedule sizes the chunks; one vmapped call each
+                product_chunk = _chunks.chunk_policy.max_chunk
+            else:
+                chunk_size = product_chunk = GRAPH_BATCH
         return hutchinson(
-            self.matmat(resolved, chunk_size),
+            self.matmat(resolved, product_chunk),
             self.dim,
             num_samples,
             distribution=distribution,
