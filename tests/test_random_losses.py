@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from torch_secorder import model_hessian_diagonal, model_hessian_trace_estimate, model_hvp
+from torch_secorder.linalg.probes import draw_probes
 from torch_secorder.problems._problem import module_problem
 
 SEED = 11
@@ -81,12 +82,8 @@ def test_dropout_routes_agree_on_one_hessian(norm_first):
             strategy=strategy,
             progress=False,
         )
-        probes = (
-            torch.randint(0, 2, (5, H.shape[0]), generator=torch.Generator().manual_seed(1)).to(
-                torch.float64
-            )
-            * 2
-            - 1
+        probes = draw_probes(
+            5, H.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64
         )
         expected = ((probes @ H) * probes).sum(1)
         assert torch.allclose(est.samples, expected, atol=1e-10), strategy
