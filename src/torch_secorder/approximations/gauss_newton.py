@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
+from torch_secorder import _chunks
 from torch_secorder._checks import check_chunk_size
 from torch_secorder._chunks import chunk_entries
 from torch_secorder.func._tree import tree_unravel
@@ -63,15 +64,32 @@ class GGNTooLargeError(MemoryError, ValueError):
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Free memory in bytes on ``device`` now (CUDA: ``mem_get_info``; CPU: available pages)."""
+    """Free memory in bytes on ``device`` now (CUDA: the chunk policy's reading,
+    :meth:`~torch_secorder._chunks.MemoryReader.free`; CPU: available pages)."""
     try:
         if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
+            return _chunks.memory_reader.free(device)
         if device.type == "cpu":
             return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, RuntimeError, AttributeError):
         return None
     return None
+
+
+def _has_trainable(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any) -> bool:
+    """Check ``model`` and ``loss_fn``; whether a parameter requires grad.
+
+    Without one there is nothing to differentiate: the batch's device is checked
+    (the only check left) and the caller warns or raises.
+    """
+    check_module(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    params = list(model.parameters())
+    if any(p.requires_grad for p in params):
+        return True
+    check_batch_device(params, inputs=inputs, targets=targets)
+    return False
 
 
 @contextlib.contextmanager
@@ -84,13 +102,7 @@ def _ggn_problem(
     :func:`~torch_secorder.problems._problem.module_problem` of the model's output (state
     preserved, one evaluation's buffers and random draws for every later one).
     """
-    check_module(model)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    params = list(model.parameters())
-    if not any(p.requires_grad for p in params):
-        # Nothing to differentiate: the callers warn or raise.
-        check_batch_device(params, inputs=inputs, targets=targets)
+    if not _has_trainable(model, loss_fn, inputs, targets):  # the callers warn or raise
         yield GGNView([], [], lambda values: model(inputs), lambda out: out, 0, False)
         return
     with module_problem(model, None, inputs, targets) as problem:
@@ -158,12 +170,7 @@ def gauss_newton_matrix_approximation(
         [tensor([[2., 8.]])]
     """
     check_chunk_size(chunk_size)
-    check_module(model)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    params = list(model.parameters())
-    if not any(p.requires_grad for p in params):
-        check_batch_device(params, inputs=inputs, targets=targets)
+    if not _has_trainable(model, loss_fn, inputs, targets):
         warnings.warn(
             "gauss_newton_matrix_approximation: model has no parameter that requires "
             "grad; returning an empty list",

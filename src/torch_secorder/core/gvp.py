@@ -34,7 +34,12 @@ from torch import Tensor, nn
 from torch_secorder.errors import ShapeError
 from torch_secorder.func._tree import tree_unravel
 from torch_secorder.problems._graph_ggn import graph_jvp
-from torch_secorder.problems._inputs import as_vector_list, check_chunk_size, check_output
+from torch_secorder.problems._inputs import (
+    as_vector_list,
+    check_chunk_size,
+    check_output,
+    tensor_list,
+)
 from torch_secorder.problems._problem import LossProblem, closure_problem, model_output_problem
 
 __all__ = [
@@ -108,21 +113,9 @@ def _as_cotangent(u: Any, out: Tensor, name: str, batched: bool = False) -> Tens
 
 def _as_batched_vectors(vs: Any, params: Sequence[Tensor], name: str = "vs") -> list[Tensor]:
     """``vs`` as one ``(batch, *p.shape)`` tensor per parameter, one batch size."""
-    if isinstance(vs, Tensor):
-        vs = [vs]
-    elif isinstance(vs, (list, tuple)):
-        vs = list(vs)
-    else:
-        raise TypeError(f"{name} must be a tensor or a list of tensors, got {type(vs).__name__}")
-    if len(vs) != len(params):
-        raise ShapeError(
-            f"{name} must have one tensor per parameter: expected {len(params)}, got {len(vs)}"
-        )
     out = []
     batch = None
-    for i, (v, p) in enumerate(zip(vs, params, strict=True)):
-        if not isinstance(v, Tensor):
-            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(v).__name__}")
+    for i, (v, p) in enumerate(zip(tensor_list(vs, params, name), params, strict=True)):
         if v.dim() != p.dim() + 1 or v.shape[1:] != p.shape:
             raise ShapeError(
                 f"{name}[{i}] must have shape (batch, *params[{i}].shape) = "

@@ -772,6 +772,23 @@ def _linear_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[st
     return out
 
 
+def _affine_squares(site: Site, sr: Tensor, xr: Tensor, sign: Tensor) -> dict[str, Tensor]:
+    """Per-sample squares of an affine ``xhat * w + b`` with one weight per unit.
+
+    ``sr``: the columns at the output, ``(k, n, positions, units)``; ``xr``: the
+    normalised input, ``(1, n, positions, units)``; each sample's gradient is summed
+    over its positions before squaring.
+    """
+    out: dict[str, Tensor] = {}
+    if "weight" in site.roles:
+        per = (sr * xr).sum(2)
+        out["weight"] = _signed(per * per, sign).sum(0)
+    if "bias" in site.roles:
+        per = sr.sum(2)
+        out["bias"] = _signed(per * per, sign).sum(0)
+    return out
+
+
 def _norm_squares(site: Site, s: Tensor, sign: Tensor) -> dict[str, Tensor]:
     """Per-sample squares of a layer/RMS norm's affine part ``xhat * w + b``."""
     xhat = site._xhat()
@@ -781,30 +798,19 @@ def _norm_squares(site: Site, s: Tensor, sign: Tensor) -> dict[str, Tensor]:
         if not isinstance(site.bound["normalized_shape"], int)
         else site.bound["normalized_shape"]
     )
-    sr = s.reshape(k, n, -1, units)
-    out: dict[str, Tensor] = {}
-    if "weight" in site.roles:
-        per = (sr * xhat.reshape(1, n, -1, units)).sum(2)
-        out["weight"] = _signed(per * per, sign).sum(0)
-    if "bias" in site.roles:
-        per = sr.sum(2)
-        out["bias"] = _signed(per * per, sign).sum(0)
-    return out
+    return _affine_squares(site, s.reshape(k, n, -1, units), xhat.reshape(1, n, -1, units), sign)
 
 
 def _channel_squares(site: Site, s: Tensor, sign: Tensor) -> dict[str, Tensor]:
     """Per-sample squares of a batch/group norm's affine part (one weight per channel)."""
     xhat = site._xhat()
     k, n, c = s.shape[0], xhat.shape[0], xhat.shape[1]
-    sr = s.reshape(k, n, c, -1)
-    out: dict[str, Tensor] = {}
-    if "weight" in site.roles:
-        per = (sr * xhat.reshape(1, n, c, -1)).sum(3)
-        out["weight"] = _signed(per * per, sign).sum(0)
-    if "bias" in site.roles:
-        per = sr.sum(3)
-        out["bias"] = _signed(per * per, sign).sum(0)
-    return out
+    return _affine_squares(
+        site,
+        s.reshape(k, n, c, -1).transpose(2, 3),
+        xhat.reshape(1, n, c, -1).transpose(2, 3),
+        sign,
+    )
 
 
 def _embedding_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str, Tensor]:

@@ -154,8 +154,11 @@ def check_module(model: Any, name: str = "model") -> nn.Module:
     return model
 
 
-def as_vector_list(v: Any, params: Sequence[Tensor], name: str = "v") -> list[Tensor]:
-    """``v`` in list format, one tensor per parameter with the parameter's shape."""
+def tensor_list(v: Any, params: Sequence[Tensor], name: str = "v") -> list[Tensor]:
+    """``v`` (a tensor, or a list or tuple of tensors) as a list of one tensor per parameter.
+
+    Only the kinds and the count are checked here; the callers check the shapes.
+    """
     if isinstance(v, Tensor):
         v = [v]
     elif isinstance(v, (list, tuple)):
@@ -166,10 +169,16 @@ def as_vector_list(v: Any, params: Sequence[Tensor], name: str = "v") -> list[Te
         raise ShapeError(
             f"{name} must have one tensor per parameter: expected {len(params)}, got {len(v)}"
         )
-    out = []
-    for i, (vi, p) in enumerate(zip(v, params)):
+    for i, vi in enumerate(v):
         if not isinstance(vi, Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(vi).__name__}")
+    return v
+
+
+def as_vector_list(v: Any, params: Sequence[Tensor], name: str = "v") -> list[Tensor]:
+    """``v`` in list format, one tensor per parameter with the parameter's shape."""
+    out = []
+    for i, (vi, p) in enumerate(zip(tensor_list(v, params, name), params)):
         if vi.shape != p.shape:
             raise ShapeError(
                 f"{name}[{i}] has shape {tuple(vi.shape)}, expected the shape of "
