@@ -263,6 +263,10 @@ def lanczos(
         ...                            return_info=True)
         >>> bool(info.converged.all()), bool(info.residuals.max() < 1e-12)
         (True, True)
+        >>> vals, _ = lanczos(lambda v: A @ v, 3, device="cpu", dtype=torch.float64,
+        ...                   which="LA", criterion="eigenvalue")
+        >>> round(float(vals[0]), 10)
+        2.0
     """
     check_positive_int(num_iterations, "num_iterations")
     check_positive_int(num_vectors, "num_vectors")
@@ -420,6 +424,9 @@ def model_eigenvalues(
         >>> vals, vecs, info = model_eigenvalues(model, sse, x, y, 1, return_info=True)
         >>> round(float(vals[0]), 4), bool(info.converged[0]), info.matvecs
         (8.0, True, 2)
+        >>> vals, _ = model_eigenvalues(model, sse, x, y, 1, tol=1e-8, criterion="eigenvalue")
+        >>> round(float(vals[0]), 4)  # the eigenvalue to 1e-8, by the Kato-Temple bound
+        8.0
         >>> batches = [(x[:1], y[:1]), (x[1:], y[1:])]  # a data set: target omitted
         >>> vals, _ = model_eigenvalues(model, sse, batches, num_eigenvalues=2)
         >>> [round(float(v), 4) for v in vals]
