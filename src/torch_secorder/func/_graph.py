@@ -526,11 +526,28 @@ class _Backprop:
                         origins.append((step.index, True, o, d, below.index))
                 else:
                     origins.append((step.index, True, o, d, None))
-        for start, inclusive, cols, sign, *skip in origins:
-            if inclusive:
-                self._walk_diag(start, cols, sign, skip[0])
+        self.junctions = self._junctions()
+        # Origins in order of their start, latest call first (as found); a junction is
+        # walked on once every origin starting at or after its maker has deposited.
+        position = 0
+        while True:
+            ready = [j for j in self.junctions.values() if j.count]
+            junction = max(ready, key=lambda j: j.index, default=None)
+            if position < len(origins) and (
+                junction is None or origins[position][0] >= junction.index
+            ):
+                start, inclusive, cols, sign, *skip = origins[position]
+                position += 1
+                if inclusive:
+                    self._walk_diag(start, cols, sign, skip[0])
+                else:
+                    self._walk(start, False, cols, sign)
+            elif junction is not None:
+                del self.junctions[id(junction.tensor)]
+                cols, sign = junction.columns()
+                self._walk(junction.index, True, {id(junction.tensor): cols}, sign, own=True)
             else:
-                self._walk(start, False, cols, sign)
+                break
         for site, h in self.rows.values():
             self._add(site, site.diag_at_output(h))
         return self.acc
@@ -574,6 +591,20 @@ class _Backprop:
             sign = torch.sign(flat[:, lo:hi]).T
             self._walk(start, True, {id(node): cols.reshape(k, *node.shape)}, sign, skip)
 
+    def _junctions(self) -> dict[int, _Junction]:
+        """The tensors where the columns of several origins are summed into blocks: read
+        by two calls or more on the way (a residual stream), ``(N, D)`` or ``(N, T, D)``."""
+        readers: dict[int, int] = {}
+        for step in self.plan.walk:
+            for t in step.useful:
+                readers[id(t)] = readers.get(id(t), 0) + 1
+        found = {}
+        for step in self.plan.walk:
+            outs = step.outs
+            if len(outs) == 1 and readers.get(id(outs[0]), 0) > 1 and outs[0].dim() in (2, 3):
+                found[id(outs[0])] = _Junction(outs[0], step.index, self.budget)
+        return found
+
     def _walk(
         self,
         start: int,
@@ -581,13 +612,19 @@ class _Backprop:
         cols: dict[int, Tensor],
         sign: Tensor,
         skip: int | None = None,
+        own: bool = False,
     ) -> None:
+        """Columns from the calls at or before ``start`` down to the sites.
+
+        ``own``: the columns are a junction's, at the output of ``start``, whose site (if
+        any) reads them; otherwise the columns at ``start``'s outputs were read there.
+        """
         k = sign.shape[0]
         chunk = self._chunk()
         if k > chunk:
             for lo in range(0, k, chunk):
                 part = {key: c[lo : lo + chunk] for key, c in cols.items()}
-                self._walk(start, inclusive, part, sign[lo : lo + chunk], skip)
+                self._walk(start, inclusive, part, sign[lo : lo + chunk], skip, own)
             return
         cols = dict(cols)
         for step in reversed(self.plan.walk):
@@ -597,8 +634,17 @@ class _Backprop:
             mine = [cols.pop(id(o), None) for o in outs]
             if all(c is None for c in mine):
                 continue
+            at_start = step.index == start and inclusive
+            junction = self.junctions.get(id(outs[0])) if len(outs) == 1 else None
+            if (
+                junction is not None
+                and not (at_start and own)
+                and step.index != skip
+                and junction.take(mine[0], sign)
+            ):
+                continue
             site = self.site_of.get(id(step.call))
-            if site is not None and not (step.index == start and inclusive) and step.index != skip:
+            if site is not None and (own or not at_start) and step.index != skip:
                 self._add(site, self._site_columns(site, mine[0], sign))
             if not step.useful:
                 continue
@@ -632,6 +678,78 @@ class _Backprop:
             if found is not None:
                 return found
         return _per_sample_squares(site, s, sign, self.budget)
+
+
+class _Junction:
+    r"""Columns met at a tensor read twice, summed per position into blocks.
+
+    Every column arriving here that lives on one position of one sample (a
+    per-position residual, such as a transformer's layer norms and MLP activations,
+    crossing per-position calls) is summed into that position's ``D x D`` block
+    :math:`B_{np} = \sum_k s_{kn} S_{knp} S_{knp}^\top`; other columns walk on.  When
+    every origin downstream has arrived, the blocks leave as their eigenvectors,
+    :math:`\sqrt{|\lambda|}\,v` with the sign of :math:`\lambda`: at most ``D``
+    columns per position whatever the number that arrived (the columns themselves
+    when they were fewer).
+    """
+
+    def __init__(self, tensor: Tensor, index: int, budget: int):
+        self.tensor = tensor
+        self.index = index  # the call that made it
+        self.budget = budget
+        n = tensor.shape[0]
+        self.units = tensor.shape[-1]
+        self.positions = tensor[0].numel() // self.units
+        self.shape = (n, self.positions, self.units)
+        self.count = 0
+        self.parts: list[tuple[Tensor, Tensor]] = []
+        self.blocks: Tensor | None = None
+
+    def take(self, cols: Tensor, sign: Tensor) -> bool:
+        """Keep ``cols`` (``(K, *tensor.shape)``) if each lives on one position."""
+        if not _one_position_each(cols, self.units):
+            return False
+        self.count += cols.shape[0]
+        few = self.count <= self.positions * self.units
+        if self.blocks is None and few and self.count * self.tensor.numel() <= self.budget:
+            self.parts.append((cols, sign))
+            return True
+        if self.blocks is None:
+            n, p, u = self.shape
+            self.blocks = cols.new_zeros(n * p, u, u)
+            for part in self.parts:
+                self._fold(*part)
+            self.parts = []
+        self._fold(cols, sign)
+        return True
+
+    def _fold(self, cols: Tensor, sign: Tensor) -> None:
+        n, p, u = self.shape
+        k = cols.shape[0]
+        flat = cols.reshape(k, n, p, u)
+        where = (flat != 0).any(-1).to(torch.int8).argmax(-1)  # (K, N): each one's position
+        rows = flat.gather(2, where[..., None, None].expand(k, n, 1, u)).squeeze(2)  # (K, N, u)
+        index = (torch.arange(n, device=cols.device) * p)[None, :] + where
+        step = max(1, self.budget // max(1, n * u * u))
+        for lo in range(0, k, step):
+            r, s = rows[lo : lo + step], sign[lo : lo + step]
+            outer = (r * s[..., None])[..., :, None] * r[..., None, :]
+            self.blocks.index_add_(0, index[lo : lo + step].reshape(-1), outer.reshape(-1, u, u))
+
+    def columns(self) -> tuple[Tensor, Tensor]:
+        """``(K, *tensor.shape)`` columns and their ``(K, N)`` signs."""
+        if self.blocks is None:
+            return torch.cat([c for c, _ in self.parts]), torch.cat([s for _, s in self.parts])
+        n, p, u = self.shape
+        lam, vec = torch.linalg.eigh(self.blocks.reshape(n, p, u, u))  # (N, P, u), (N, P, u, u)
+        scaled = vec * lam.abs().sqrt()[..., None, :]  # column j: sqrt|lam_j| v_j
+        cols = lam.new_zeros(p, u, n, p, u)
+        at = torch.arange(p, device=lam.device)
+        cols[at, :, :, at, :] = scaled.permute(1, 3, 0, 2)  # (P, j, N, u) on its position
+        sign = torch.sign(lam).permute(1, 2, 0).reshape(p * u, n)
+        keep = (lam.abs().amax(0).reshape(p * u) > 0).nonzero().flatten()  # (P, j) order
+        cols = cols.reshape(p * u, *self.tensor.shape)
+        return cols[keep], sign[keep]
 
 
 def _signed(values: Tensor, sign: Tensor) -> Tensor:
@@ -747,16 +865,30 @@ def _one_position_each(s: Tensor, units: int) -> bool:
     k, n = s.shape[:2]
     if s[0, 0].numel() == units:
         return True
+    for probe in (s[:1], s[-1:]):  # a quick no first: the whole check reads every column
+        if bool(((probe.reshape(1, n, -1, units) != 0).any(-1).sum(-1) > 1).any()):
+            return False
     spread = (s.reshape(k, n, -1, units) != 0).any(-1).sum(-1)
     return bool((spread <= 1).all())
 
 
 def _linear_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str, Tensor]:
-    """Per-sample squares of a linear layer on ``(N, ..., D)``: positions summed first."""
+    r"""Per-sample squares of a linear layer on ``(N, ..., D)``: positions summed first.
+
+    With few positions (``T <= D``) and room for ``N * O * T**2`` entries, the
+    columns are first summed into each unit's position block
+    :math:`M_{no} = \sum_k s_{kn} S_{kno} S_{kno}^\top` (``T x T``, one product over
+    the columns), and the weight diagonal is :math:`\sum_n x_{n\cdot j}^\top M_{no}
+    x_{n\cdot j}`: ``K N O T^2`` multiply-adds in large products instead of ``K N O T D``
+    in small ones.
+    """
     x = site.bound["input"]
     n, k = x.shape[0], s.shape[0]
     xr = x.reshape(n, -1, x.shape[-1])  # (N, T, D)
     sr = s.reshape(k, n, xr.shape[1], -1)  # (K, N, T, O)
+    t, o, d = sr.shape[2], sr.shape[3], xr.shape[-1]
+    if 1 < t <= d and n * o * t * t <= budget:
+        return _linear_blocks(site, sr, xr, sign)
     out: dict[str, Tensor] = {}
     if "weight" in site.roles:
         chunk = max(1, budget // max(1, n * sr.shape[-1] * xr.shape[-1]))
@@ -769,6 +901,38 @@ def _linear_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[st
     if "bias" in site.roles:
         b = sr.sum(2)
         out["bias"] = _signed(b * b, sign).sum(0)
+    return out
+
+
+def _linear_blocks(site: Site, sr: Tensor, xr: Tensor, sign: Tensor) -> dict[str, Tensor]:
+    """:func:`_linear_squares` through each unit's ``T x T`` block of the columns."""
+    k, n, t, o = sr.shape
+    blocks = sr.new_zeros(n, o, t, t)
+    # Columns that live on a few units (one attention head's) only: the units they
+    # touch, grouped by pattern, each group's blocks from those units alone.
+    touched = (sr != 0).any(2).any(1)  # (K, O)
+    patterns, group = torch.unique(touched, dim=0, return_inverse=True)
+    for g in range(patterns.shape[0]):
+        units = patterns[g].nonzero().flatten()
+        if units.numel() == 0:
+            continue
+        members = (group == g).nonzero().flatten()
+        part = sr if members.numel() == k else sr[members]
+        if units.numel() < o:
+            part = part[..., units]
+        cols = part.permute(1, 3, 2, 0)  # (N, U, T, k)
+        weighted = cols * sign[members].T.reshape(n, 1, 1, -1)
+        found = weighted @ cols.transpose(-1, -2)  # (N, U, T, T)
+        if units.numel() < o:
+            blocks[:, units] += found
+        else:
+            blocks += found
+    out: dict[str, Tensor] = {}
+    if "weight" in site.roles:
+        mixed = blocks @ xr[:, None]  # (N, O, T, D)
+        out["weight"] = (mixed * xr[:, None]).sum((0, 2))
+    if "bias" in site.roles:
+        out["bias"] = blocks.sum((0, 2, 3))
     return out
 
 

@@ -617,10 +617,89 @@ class Norm(Rule):
         return [res]
 
     def residual_ok(self, call, active):
-        return _dense_ok(active)
+        return self._row_norm(call, active) is not None or _dense_ok(active)
 
     def residual(self, call, active, g_out):
+        found = self._row_norm(call, active)
+        if found is not None:
+            return _row_norm_residual(active[0], g_out, *found, centred=self.kind == "layer_norm")
         return _dense_residual(call, active, g_out)
+
+    def _row_norm(self, call, active) -> tuple[int, Tensor | None, float] | None:
+        """``(normalised entries D, weight, eps)`` of a layer/RMS norm whose residual has
+        the closed form of :func:`_row_norm_residual`, else ``None``."""
+        if self.kind not in ("layer_norm", "rms_norm") or call.args[0] is not active[0]:
+            return None
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        if self.kind == "rms_norm":
+            names = ("input", "normalized_shape", "weight", "eps")
+        if len(call.args) > len(names) or set(call.kwargs) - set(names):
+            return None
+        bound = dict(zip(names, call.args))
+        bound.update(call.kwargs)
+        shape = bound.get("normalized_shape")
+        weight, eps = bound.get("weight"), bound.get("eps")
+        if weight is not None and not isinstance(weight, Tensor):
+            return None
+        if eps is None:
+            eps = 1e-5 if self.kind == "layer_norm" else torch.finfo(active[0].dtype).eps
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return math.prod(shape), weight, float(eps)
+
+
+def _row_norm_residual(
+    x: Tensor, g_out: Tensor, d: int, weight: Tensor | None, eps: float, centred: bool
+) -> Residual:
+    r"""The residual of a layer norm (``centred``) or RMS norm over the last ``d`` entries.
+
+    Per row, with :math:`c = Px` (:math:`P = I - \mathbf 1\mathbf 1^\top/D` for the
+    layer norm, :math:`I` for the RMS norm), :math:`\sigma^2 = |c|^2/D + \epsilon`,
+    :math:`\hat x = c/\sigma`, :math:`a = g \odot w` (the gradient at the output times
+    the weight), :math:`u = Pa` and :math:`s = a^\top \hat x`, the Hessian of
+    :math:`\langle a, \hat x\rangle` is
+
+    .. math::
+        \frac{1}{D\sigma^2}\Big(-s P + 3\frac{s}{D}\hat x\hat x^\top
+        - (u\hat x^\top + \hat x u^\top)\Big):
+
+    a diagonal :math:`-s/(D\sigma^2)`, and per row four signed columns (three for the
+    RMS norm): :math:`\mathbf 1`, :math:`\hat x`, and :math:`u/\gamma \pm \gamma\hat x`
+    (:math:`\gamma^2 = |u|/|\hat x|`, balanced) for the symmetric product.
+    """
+    n = x.shape[0]
+    xr = x.reshape(n, -1, d)  # (N, R, D)
+    rows = xr.shape[1]
+    a = g_out.reshape(n, rows, d)
+    if weight is not None:
+        a = a * weight.reshape(d)
+    if centred:
+        c = xr - xr.mean(-1, keepdim=True)
+        u = a - a.mean(-1, keepdim=True)
+    else:
+        c, u = xr, a
+    var = (c * c).mean(-1, keepdim=True) + eps
+    xhat = c * var.rsqrt()
+    s = (a * xhat).sum(-1, keepdim=True)  # (N, R, 1)
+    scale = 1.0 / (d * var)  # (N, R, 1)
+    diag = (-s * scale).expand(n, rows, d).reshape(x.shape)
+    size = xhat.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    gamma = (u.norm(dim=-1, keepdim=True) / size).sqrt()
+    gamma = torch.where(gamma > 0, gamma, torch.ones_like(gamma))
+    half = (0.5 * scale).sqrt()
+    parts = [
+        (xhat * (3 * s.abs() * scale / d).sqrt(), torch.sign(s)),
+        ((u / gamma + gamma * xhat) * half, -torch.ones_like(s)),
+        ((u / gamma - gamma * xhat) * half, torch.ones_like(s)),
+    ]
+    if centred:
+        ones = torch.ones_like(xhat) * (s.abs() * scale / d).sqrt()
+        parts.append((ones, torch.sign(s)))
+    eye = torch.eye(rows, dtype=x.dtype, device=x.device)
+    cols, signs = [], []
+    for values, sign in parts:
+        cols.append(torch.einsum("nrd,kr->knrd", values, eye).reshape(rows, *x.shape))
+        signs.append(sign.reshape(n, rows).T)
+    return Residual({id(x): diag}, {id(x): torch.cat(cols)}, torch.cat(signs))
 
 
 class Dropout(Rule):
