@@ -29,6 +29,15 @@ three kinds of terms, each crossing a call ``out = f(in)`` by the chain rule
   (their rules give a diagonal and/or columns; ``g`` comes from a first-order
   backward pass), which start new origins.  The loss itself is such a call.
 
+Where the columns of several origins meet at a tensor read twice on the way, shaped
+``(N, D)`` or ``(N, T, D)`` (a residual stream), those living on one position of a
+sample each (the per-position residuals of layer norms and MLP activations, crossing
+per-position calls) are summed into one ``D x D`` block per position
+(:class:`_Junction`) and walk on as its eigenvectors: at most ``D`` columns per
+position, however many origins arrived (in a transformer block of width 32 on 16
+tokens, the final norm, the GELU and the second norm send about 3,000 columns per
+sample to the stream between attention and MLP; 512 go on through the attention).
+
 At an affine site ``z = op(x, \theta)`` whose parameter no other call reads
 (:mod:`~torch_secorder.func._sites`), the columns give the parameter's
 diagonal :math:`\sum_{k,n} s_{kn} (\partial_\theta \langle S_{kn}, z_n\rangle)^2`:

@@ -39,7 +39,9 @@ products such as :math:`QK^\top`, layer norm, the loss), each crossing a call by
 its Jacobian transpose (in closed form for linear layers, convolutions, pooling,
 layer norm, softmax, moves of axes and elementwise calls; ``torch.func.vjp``
 otherwise); at every affine site the parameter diagonal is the signed sum of
-squared per-sample gradients of the columns.  A diagonal term that crosses one
+squared per-sample gradients of the columns.  Columns of several origins that meet
+on a residual stream, each living on one position, are summed there into a block per
+position and go on as at most one column per entry of a position.  A diagonal term that crosses one
 ``F.linear`` stays lazy, :math:`(AD)^\top \operatorname{diag}(r)(AD)`, down to
 the linear or layer-norm site below, which reads it by its diagonal
 :math:`d^2 \odot (A\odot A)^\top r`; one that crosses a 2-d convolution into a
