@@ -1,6 +1,7 @@
-"""The chain route through every elementwise activation torch ships, against the dense Hessian.
+"""The graph route on MLPs through every elementwise activation torch ships, against the dense
+Hessian.
 
-The chain route needs each activation's first and second derivatives.  They come
+The graph route needs each activation's first and second derivatives.  They come
 from autograd's double backward of the recorded call (nested forward mode under
 ``no_grad`` has no rule for ``silu_backward`` or ``mish``), or are zero for the
 piecewise-linear activations (``hardsigmoid`` has no double backward at all).
@@ -134,10 +135,10 @@ def dense_ggn_diagonal(model, loss_fn, x, y):
     n=st.integers(1, 5),
     seed=st.integers(0, 2**16),
 )
-def test_chain_route_through_the_activation_matches_dense(act, loss, n, seed):
+def test_graph_route_through_the_activation_matches_dense(act, loss, n, seed):
     model, x, y, loss_fn = build(act, seed, n, loss)
     with module_problem(model, loss_fn, x, y) as problem:
-        assert set(diagonal_plan(problem.pure, problem.primals)) == {"chain"}
+        assert set(diagonal_plan(problem.pure, problem.primals)) == {"graph"}
     dense = dense_diagonal(oracle_model(model, act), loss_fn, x, y)
     trace = float(sum(d.sum() for d in dense))
     params = list(model.parameters())
@@ -159,7 +160,7 @@ def test_chain_route_through_the_activation_matches_dense(act, loss, n, seed):
 
 @pytest.mark.parametrize("act", ["silu", "mish", "hardswish", "hardsigmoid", "selu"])
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_ggn_chain_route_through_the_activation(act, loss):
+def test_ggn_graph_route_through_the_activation(act, loss):
     model, x, y, loss_fn = build(act, 7, 4, loss)
     params = {k: v.detach() for k, v in model.named_parameters()}
     found = ggn_diagonal(lambda p: functional_call(model, p, (x,)), lambda o: loss_fn(o, y), params)
@@ -168,9 +169,10 @@ def test_ggn_chain_route_through_the_activation(act, loss):
         assert torch.allclose(a.reshape(-1), b, atol=1e-10, rtol=0)
 
 
-def test_an_activation_without_derivatives_leaves_the_chain():
-    """Where torch has no derivative for an activation, the chain declines (the other
-    routes decide; here their error is torch's own, not a wrong number)."""
+def test_an_activation_without_derivatives_has_none():
+    """Where torch has no derivative for an activation, the rules' derivatives are
+    ``None`` (the graph route does not cross it; the other routes decide); the
+    piecewise-linear rules (as registered) give a zero second derivative."""
 
     class NoDerivative(torch.autograd.Function):
         @staticmethod
@@ -185,8 +187,12 @@ def test_an_activation_without_derivatives_leaves_the_chain():
         def backward(ctx, g):
             raise RuntimeError("no derivative here")
 
-    from torch_secorder.func._chain import _derivatives
+    from torch_secorder.func._rules import elementwise_derivatives, rule_for
     from torch_secorder.func._tape import Call
+
+    def _derivatives(call, z):
+        rule = rule_for(call)
+        return elementwise_derivatives(call, z, getattr(rule, "piecewise_linear", False))
 
     z = torch.randn(3, 2, dtype=DT)
     assert _derivatives(Call(NoDerivative.apply, (z,), {}, z), z) is None

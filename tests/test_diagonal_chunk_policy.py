@@ -1,8 +1,8 @@
 """The fast diagonal's columns follow the device chunk policy (issue 12).
 
 The graph route reads its budget of column entries from
-:func:`torch_secorder._chunks.chunk_entries` of the loss value's device, the chain
-route declines where its columns would exceed that budget.  On the CPU the budget is
+:func:`torch_secorder._chunks.chunk_entries` of the loss value's device and walks its
+columns in chunks that fit it.  On the CPU the budget is
 :attr:`~torch_secorder._chunks.ChunkPolicy.cpu_elements`; on CUDA it comes from the
 free memory, read here through a stubbed :data:`~torch_secorder._chunks.memory_reader`
 (as in tests/test_chunk_policy.py).  Whatever the budget, the numbers equal the dense
@@ -56,10 +56,10 @@ def walks(monkeypatch):
     sizes: list[int] = []
     walk = graph._Backprop._walk
 
-    def spy(self, start, inclusive, cols, sign, skip=None):
+    def spy(self, start, inclusive, cols, sign, *rest):
         if sign.shape[0] <= self._chunk():
             sizes.append(sign.shape[0])
-        return walk(self, start, inclusive, cols, sign, skip)
+        return walk(self, start, inclusive, cols, sign, *rest)
 
     monkeypatch.setattr(graph._Backprop, "_walk", spy)
     return sizes

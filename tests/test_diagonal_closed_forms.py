@@ -2,8 +2,7 @@
 
 * The lazy term :math:`(AD)^\\top \\operatorname{diag}(r)(AD)` of a diagonal crossing one
   ``F.linear``, read off by its diagonal at the linear (or layer-norm) site below: drawn
-  MLPs (depth, activation, loss, reduction, soft targets) with the chain route switched
-  off, so that the graph route does the whole work.
+  MLPs (depth, activation, loss, reduction, soft targets), all on the graph route.
 * Closed-form Jacobian diagonals of elementwise calls (add/sub/neg/mul/div by a constant,
   eval batch norm, eval dropout), the batch/group norm per-sample squares, the loss
   gradients and cross-entropy's symmetric factor.
@@ -28,13 +27,12 @@ from diagonal_settings import (
     ours_hessian_diagonal,
     ours_plan,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-import torch_secorder.func.fast_diagonal as fast
 from torch_secorder.func import fast_hessian_diagonal
 from torch_secorder.func._rules import rule_for
 from torch_secorder.func._tape import outside_modes, record
@@ -43,22 +41,13 @@ DT = torch.float64
 ACTS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
-@pytest.fixture
-def graph_only(monkeypatch):
-    """The chain route declines: the graph route takes every MLP."""
-    if hasattr(fast, "chain_diagonal"):
-        monkeypatch.setattr(fast, "chain_diagonal", lambda *args, **kwargs: None)
-
-
 def _check(built: Built) -> None:
     assert set(ours_plan(built).values()) == {"graph"}
     assert_close(ours_hessian_diagonal(built), dense_hessian_diagonal(built))
     assert_close(ours_ggn_diagonal(built), dense_ggn_diagonal(built))
 
 
-@settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)  # the fixture only switches the chain route off, the same for every example
+@settings(max_examples=15, deadline=None)
 @given(
     widths=st.lists(st.integers(1, 5), min_size=1, max_size=3),
     act=st.sampled_from(sorted(ACTS)),
@@ -67,7 +56,7 @@ def _check(built: Built) -> None:
     n=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
-def test_mlps_on_the_graph_route(graph_only, widths, act, loss, reduction, n, seed):
+def test_mlps_on_the_graph_route(widths, act, loss, reduction, n, seed):
     torch.manual_seed(seed)
     sizes = [3, *widths, 3]
     layers: list[nn.Module] = []
@@ -126,7 +115,7 @@ class Pointwise(nn.Module):
     ["mul", "rmul", "mul_tensor", "div", "div_tensor", "sub", "rsub", "sub_tensor", "neg",
      "add", "batch_norm", "dropout"],
 )  # fmt: skip
-def test_pointwise_jacobian_diagonals(graph_only, op):
+def test_pointwise_jacobian_diagonals(op):
     torch.manual_seed(1)
     model = Pointwise(op).to(DT).eval()
     x = torch.randn(5, 3, dtype=DT)

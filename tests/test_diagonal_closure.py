@@ -58,7 +58,7 @@ def assert_matches(found, expected) -> None:
 
 @pytest.fixture
 def no_sweep(monkeypatch):
-    """Make every one-hot sweep fail: what passes took the chain or layer routes."""
+    """Make every one-hot sweep fail: what passes took the graph or layer routes."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("the sweep was taken")
@@ -140,7 +140,7 @@ def test_plain_tensors_and_a_subset_of_the_parameters(no_sweep):
         return F.mse_loss(F.linear(F.softplus(F.linear(x, w1, b1)), w2), y, reduction="sum")
 
     for params in ([w1, b1, w2], [w2, w1], [b1]):
-        assert set(closure_plan(closure, params)) == {"chain"}
+        assert set(closure_plan(closure, params)) == {"graph"}
         expected = torch.diagonal(hessian_of_closure(closure, params))
         found = hessian_diagonal(closure, params, progress=False)
         assert_matches([torch.cat([d.reshape(-1) for d in found])], [expected])

@@ -1,6 +1,6 @@
 """The fast diagonals compose with ``torch.func.grad`` and autograd: derivatives, not zeros.
 
-The chain and layer routes compute without autograd; a caller who differentiates the
+The graph and layer routes compute without autograd; a caller who differentiates the
 diagonal (inside a ``torch.func`` transform, or through tensors that require grad)
 gets the sweep, whose result carries the derivatives.  Oracle: the derivative of the
 diagonal of the dense Hessian (``torch.func.hessian``).
@@ -53,8 +53,9 @@ def flat_of(params):
     seed=st.integers(0, 2**16),
 )
 def test_grad_of_the_hessian_diagonal_wrt_scale_and_input(act, loss, scaled, seed):
-    """Unscaled, the loss is a chain (the chain route without a transform); scaled by
-    ``s**2``, its layers' rows are independent (the rows route without a transform)."""
+    """Unscaled or scaled by ``s**2`` (a captured tensor), the loss takes the graph route
+    without a transform; differentiated, the sweep, whose derivatives match the dense
+    Hessian's."""
     model, loss_fn, x, y, params = problem(act, loss, seed)
     flat, unflat = flat_of(params)
 
@@ -73,7 +74,7 @@ def test_grad_of_the_hessian_diagonal_wrt_scale_and_input(act, loss, scaled, see
     with torch.no_grad():  # outside a transform: the fast routes, same value
         routes = set(diagonal_plan(lambda p: loss_at(p, s, x), params).values())
         value = fast_total(s, x)
-    assert routes == ({"graph"} if scaled else {"chain"})
+    assert routes == {"graph"}
     assert torch.allclose(value, dense_total(s, x), atol=1e-10, rtol=0)
     for argnums in (0, 1) if scaled else (1,):
         found = grad(fast_total, argnums=argnums)(s, x)

@@ -385,7 +385,7 @@ def test_ggn_diagonal(kind, create_graph):
 
 
 class CoupledOldStyle(nn.Module):
-    """``W2 (h * sum(h)) + b2`` with ``h`` an old-style tanh: no closed-form chain route."""
+    """``W2 (h * sum(h)) + b2`` with ``h`` an old-style tanh: no closed-form graph route."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,8 +1,10 @@
-"""Activations whose derivatives torch lacks, off the chain route: ``F.hardsigmoid``
-(no forward AD of its backward) and ``F.rrelu`` in eval mode (no batching rule).
+"""Activations whose derivatives torch lacks: ``F.hardsigmoid`` (no forward AD of its
+backward) and ``F.rrelu`` in eval mode (no batching rule).
 
-A layer norm after the activation keeps the fast diagonal's chain route away, so
-every quantity goes through the generic routes.  Oracle: the dense Hessian of the
+A layer norm follows the activation; the fast diagonal takes the graph route through
+``hardsigmoid`` (a piecewise-linear rule) and, for the layer below ``rrelu`` (no rule),
+the layer route, whose products go through the reroutes as the HVPs, the closure form
+and the trace do.  Oracle: the dense Hessian of the
 same network with the activation written out independently (``clamp`` for the
 hard sigmoid, ``where`` for the leaky slope), in float64.
 """

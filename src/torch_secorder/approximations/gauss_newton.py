@@ -130,9 +130,9 @@ def gauss_newton_matrix_approximation(
     :math:`G = \frac{2}{ND} J^\top J`; for ``nn.MSELoss(reduction="sum")``,
     :math:`2 J^\top J`.  Any loss is accepted: its Hessian with respect to the
     outputs is computed, not assumed.  The routes are those of
-    :func:`torch_secorder.func.ggn_diagonal` (a closed-form backward pass for
-    linear/activation chains, a few products per layer, a one-hot sweep for the
-    rest); with ``create_graph=True``, or when the model draws random numbers
+    :func:`torch_secorder.func.ggn_diagonal` (a closed-form second-order backward
+    pass through the recorded calls, a few products per layer, a one-hot sweep for
+    the rest); with ``create_graph=True``, or when the model draws random numbers
     (dropout in training mode: one mask for the whole call), chunks of columns
     of :math:`J` by vmapped Jacobian-vector products.  Nothing of the model
     changes (batch norm running statistics included).  The dense matrix is

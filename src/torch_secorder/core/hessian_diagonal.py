@@ -6,8 +6,8 @@ r"""The exact Hessian diagonal of a closure or a model's loss.
 Computed exactly (never estimated).  For a model's loss
 (:func:`model_hessian_diagonal`, and the exact :func:`model_hessian_trace`) the
 engine's :func:`~torch_secorder.func.fast_hessian_diagonal` picks, per parameter,
-the cheapest exact route: a closed-form backward pass for linear/activation
-chains, a few products per layer for parameters read by one affine layer
+the cheapest exact route: a closed-form second-order backward pass through the
+recorded calls, a few products per layer for parameters read by one affine layer
 (linear, convolution, embedding, normalisation affine) whose rows do not
 interact, and the chunked one-hot sweep for the rest.  A closure takes the same
 routes (it is recorded as a pure function of its tensors).  ``create_graph=True``
@@ -62,9 +62,9 @@ def hessian_diagonal(
 
     Differences from 0.0.1: the same numbers, without one backward pass per
     entry: the closure is recorded once and each tensor takes the cheapest exact
-    route of :func:`~torch_secorder.func.fast_hessian_diagonal` (closed form for
-    linear/activation chains, a few products per affine layer, else a vmapped
-    sweep); a single tensor ``params`` is accepted.
+    route of :func:`~torch_secorder.func.fast_hessian_diagonal` (closed form through
+    the recorded calls, a few products per affine layer, else a vmapped sweep); a
+    single tensor ``params`` is accepted.
 
     Example:
         >>> import torch

@@ -3,33 +3,11 @@ r"""Exact Hessian and GGN diagonals at the cost of a few products per layer.
 The basis sweep (:func:`torch_secorder.func.hessian_diagonal`) pays one
 Hessian-vector product per parameter entry.  This module finds, by recording one
 evaluation of the loss, the parameters for which much less is enough, and
-computes their diagonal by one of three routes; everything else is swept.  Every
+computes their diagonal by one of two routes; everything else is swept.  Every
 route is exact: the numbers equal the dense Hessian's (GGN's) diagonal up to
 rounding.
 
-**Chain route** (``"chain"``).  When the whole loss is a chain
-``linear -> elementwise -> ... -> linear -> loss`` on ``(N, D)`` activations
-(``F.linear``, zero-padded ungrouped ``F.conv1d``/``F.conv2d`` before a
-``flatten``, elementwise activations, eval dropout, ending in
-``F.mse_loss`` or ``F.cross_entropy``), the Hessian with respect to each layer
-output :math:`z_l` is propagated backwards in closed form, as in BackPACK's
-``DiagHessian``, but keeping diagonal terms diagonal:
-
-.. math::
-    \nabla^2_{z_l} L = J^\top (\nabla^2_{a_{l+1}} L) J
-    + \operatorname{diag}(\sigma''(z_l) \odot \nabla_{a_l} L)
-
-per sample, with the loss Hessian as a diagonal plus a few signed columns, so
-that a term :math:`W^\top \operatorname{diag}(r) W` is read off as
-:math:`(W \odot W)^\top r` and only materialised (as signed columns, BackPACK's
-way) when it must cross a second linear layer.  Cost: a few matrix products
-per layer for a two-hidden-layer network; the GGN drops the
-:math:`\sigma''` terms.  (The graph route below does the same work on these
-chains, lazy term included, and is as fast from a few hundred units on; on
-small MLPs this route's lighter bookkeeping still saves a few tenths of a
-millisecond, which is why it is kept.)
-
-**Graph route** (``"graph"``).  Otherwise the recorded calls are walked
+**Graph route** (``"graph"``).  The recorded calls are walked
 backwards as a graph (:mod:`torch_secorder.func._graph`, one rule per operation
 in :mod:`torch_secorder.func._rules`): the loss Hessian with respect to every
 tensor on the way is carried as signed columns (``C`` per sample for a
@@ -50,11 +28,27 @@ Pooling, reshapes, slicing, padding, concatenation, residual additions (a tensor
 read twice: its columns add), eval-mode batch norm, layer/group/RMS norm,
 embeddings, grouped, transposed and 3-d convolutions and attention are covered;
 for a network of linear and piecewise-linear calls (ReLU, max pooling) only the
-loss's columns exist, the cost of the GGN. The samples must stay apart: a call
-that mixes them (training-mode batch norm, a transposed batch axis) or that has
-no rule leaves the parameters upstream of it to the next routes, and so does an
-origin of columns estimated to cost more than sweeping the parameters above it
-(a diagonal term crossing wide convolutions: one column per entry of a sample).
+loss's columns exist, the cost of the GGN.
+
+On a chain ``linear -> elementwise -> ... -> linear -> loss`` (an MLP, or
+convolutions before a ``flatten``) this is BackPACK's ``DiagHessian`` with the
+diagonal terms kept diagonal: per sample,
+
+.. math::
+    \nabla^2_{z_l} L = J^\top (\nabla^2_{a_{l+1}} L) J
+    + \operatorname{diag}(\sigma''(z_l) \odot \nabla_{a_l} L),
+
+with the loss Hessian a diagonal plus a few signed columns, so that a term
+:math:`W^\top \operatorname{diag}(r) W` is read off as :math:`(W \odot W)^\top r`
+and only becomes signed columns (BackPACK's way) when it must cross a second
+linear layer: a few matrix products per layer; the GGN drops the
+:math:`\sigma''` terms.
+
+The samples must stay apart: a call that mixes them (training-mode batch norm,
+a transposed batch axis) or that has no rule leaves the parameters upstream of
+it to the next routes, and so does an origin of columns estimated to cost more
+than sweeping the parameters above it (a diagonal term crossing wide
+convolutions: one column per entry of a sample).
 
 **Layer route** (``"rows"``, ``"blocks"``).  For a parameter read by exactly one
 call of an operator affine in it (``F.linear``, ``F.conv*d``, ``F.embedding``,
@@ -80,10 +74,9 @@ Memory: at most ``chunk_size`` perturbations are in flight at once (default:
 about ``2**24`` tangent entries); the graph route walks its columns in chunks
 of at most :func:`torch_secorder._chunks.chunk_entries` entries at a tensor (the
 device's chunk policy: ``2**24`` on the CPU, from the free memory on CUDA; at
-most ``chunk_size`` columns when given), and the chain route declines where its
-columns would exceed that budget.
+most ``chunk_size`` columns when given).
 
-The closed-form arithmetic of the chain and graph routes runs outside the
+The closed-form arithmetic of the graph route runs outside the
 torch-function modes active at the call (:func:`~torch_secorder.func._tape.outside_modes`);
 the user's function itself is evaluated under them.
 """
@@ -100,7 +93,6 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from torch_secorder._checks import check_chunk_size
-from torch_secorder.func._chain import chain_diagonal
 from torch_secorder.func._fixes import differentiable
 from torch_secorder.func._graph import graph_diagonal
 from torch_secorder.func._sites import SITE_FUNCS, Site, make_site
@@ -114,7 +106,7 @@ from torch_secorder.linalg.trace import chunk_ranges
 __all__ = ["diagonal_plan", "fast_hessian_diagonal", "ggn_diagonal", "ROUTES"]
 
 #: The routes a parameter's diagonal can take (see the module docstring).
-ROUTES = ("chain", "graph", "rows", "blocks", "sweep")
+ROUTES = ("graph", "rows", "blocks", "sweep")
 
 
 class _Problem:
@@ -457,7 +449,7 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
     diag: dict[int, Tensor] = {}
     if not leaves:
         return diag, routes
-    # The chain and layer routes compute without autograd (``no_grad``, exact zero
+    # The graph and layer routes compute without autograd (``no_grad``, exact zero
     # tests, closed forms): a caller differentiating the diagonal (a ``torch.func``
     # transform, or autograd through tensors that require grad) gets the sweep.
     if _under_transform():
@@ -465,78 +457,66 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
     calls, value, curved_from = _record(problem)
     if _tracked(calls, leaves):
         return _sweep_all(problem, chunk_size, progress, plan_only)
-    sites: list[Site] = []
-    with outside_modes():
-        chained = chain_diagonal(
-            calls, value, leaves, residuals=problem.kind == "hessian", compute=not plan_only
-        )
-    if chained is not None:
-        for i, d in chained.items():
-            routes[i] = "chain"
+    sites = _find_sites(calls, leaves)
+    if curved_from is not None:
+        with outside_modes():
+            graphed = graph_diagonal(
+                calls, value, sites, curved_from, not plan_only, max_columns=chunk_size
+            )
+        for i, d in graphed.items():
+            routes[i] = "graph"
             if d is not None:
                 diag[i] = d
-    else:
-        sites = _find_sites(calls, leaves)
-        if curved_from is not None:
-            with outside_modes():
-                graphed = graph_diagonal(
-                    calls, value, sites, curved_from, not plan_only, max_columns=chunk_size
-                )
-            for i, d in graphed.items():
-                routes[i] = "graph"
-                if d is not None:
-                    diag[i] = d
-            sites = [s for s in sites if not all(i in routes for i in s.roles.values())]
-        gen = torch.Generator().manual_seed(0)
-        feeders = _feeders(calls, sites)
-        presumed_coupled: set[int] = set()
-        # Last layer first: a layer upstream of one whose rows are coupled has its rows
-        # coupled too (in all but degenerate cases), so it is not probed when only the
-        # rows route could help it; the sweep it then takes is exact all the same.
-        for s in progress_bar(
-            range(len(sites) - 1, -1, -1), enabled=progress, desc="diagonal by layer"
+        sites = [s for s in sites if not all(i in routes for i in s.roles.values())]
+    gen = torch.Generator().manual_seed(0)
+    feeders = _feeders(calls, sites)
+    presumed_coupled: set[int] = set()
+    # Last layer first: a layer upstream of one whose rows are coupled has its rows
+    # coupled too (in all but degenerate cases), so it is not probed when only the
+    # rows route could help it; the sweep it then takes is exact all the same.
+    for s in progress_bar(
+        range(len(sites) - 1, -1, -1), enabled=progress, desc="diagonal by layer"
+    ):
+        site = sites[s]
+        u = site.rows_shape[2]
+        sweep_cost = sum(leaves[i].numel() for i in site.roles.values())
+        blocks_useful = site.supports_blocks and site.cost(True) < sweep_cost
+        if not blocks_useful and (
+            s in presumed_coupled or site.cost(False) + _probe_cost(site) >= sweep_cost
         ):
-            site = sites[s]
-            u = site.rows_shape[2]
-            sweep_cost = sum(leaves[i].numel() for i in site.roles.values())
-            blocks_useful = site.supports_blocks and site.cost(True) < sweep_cost
-            if not blocks_useful and (
-                s in presumed_coupled or site.cost(False) + _probe_cost(site) >= sweep_cost
-            ):
-                continue
-            if site.cost(False) >= sweep_cost:
-                continue
-            product = problem.site_product(site)
-            z = site.call.out
-            fused = u + _probe_cost(site)  # the rows route's products ride with the probe
-            rows_out = None if plan_only else [chunk_size or default_chunk_size(fused, z.numel())]
-            structure = _structure(product, site, gen, blocks_useful, rows_out)
-            if structure != "rows":
-                presumed_coupled |= feeders[s]
-            if structure == "rows":
-                route = "rows"
-            elif structure == "samples" and blocks_useful:
-                route = "blocks"
-            else:
-                continue
-            for i in site.roles.values():
-                routes[i] = route
-            if plan_only:
-                continue
-            if route == "rows" and len(rows_out) == 2:
-                found = site.diag_rows(rows_out[1])
-            else:
-                run = _site_rows if route == "rows" else _site_blocks
-                found = run(product, site, chunk_size)
-            for role, d in found.items():
-                diag[site.roles[role]] = d.reshape(leaves[site.roles[role]].shape)
+            continue
+        if site.cost(False) >= sweep_cost:
+            continue
+        product = problem.site_product(site)
+        z = site.call.out
+        fused = u + _probe_cost(site)  # the rows route's products ride with the probe
+        rows_out = None if plan_only else [chunk_size or default_chunk_size(fused, z.numel())]
+        structure = _structure(product, site, gen, blocks_useful, rows_out)
+        if structure != "rows":
+            presumed_coupled |= feeders[s]
+        if structure == "rows":
+            route = "rows"
+        elif structure == "samples" and blocks_useful:
+            route = "blocks"
+        else:
+            continue
+        for i in site.roles.values():
+            routes[i] = route
+        if plan_only:
+            continue
+        if route == "rows" and len(rows_out) == 2:
+            found = site.diag_rows(rows_out[1])
+        else:
+            run = _site_rows if route == "rows" else _site_blocks
+            found = run(product, site, chunk_size)
+        for role, d in found.items():
+            diag[site.roles[role]] = d.reshape(leaves[site.roles[role]].shape)
     groups: list[list[int]] = []  # a site's unrouted leaves are swept together
-    if chained is None:
-        for site in sites:
-            group = [i for i in site.roles.values() if i not in routes]
-            if group:
-                groups.append(group)
-                routes.update(dict.fromkeys(group, "sweep"))
+    for site in sites:
+        group = [i for i in site.roles.values() if i not in routes]
+        if group:
+            groups.append(group)
+            routes.update(dict.fromkeys(group, "sweep"))
     groups += [[i] for i in range(len(leaves)) if i not in routes]
     for group in groups:
         routes.update(dict.fromkeys(group, "sweep"))
@@ -560,7 +540,7 @@ def fast_hessian_diagonal(
     r"""Exact :math:`\operatorname{diag}(\nabla^2 f(\theta))`, by the cheapest exact route.
 
     Same numbers as :func:`torch_secorder.func.hessian_diagonal`; each parameter
-    takes the chain, graph, layer or sweep route (module docstring;
+    takes the graph, layer or sweep route (module docstring;
     :func:`diagonal_plan` tells which).  ``f`` is evaluated once without
     autograd to find the routes, so it must be a deterministic function of
     ``params`` (draw dropout masks from a fixed seed).
@@ -616,10 +596,10 @@ def ggn_diagonal(
     and :math:`H_{\text{out}} = \nabla^2_o\, \text{loss\_fn}(o)`, returns
     :math:`\operatorname{diag}(J^\top H_{\text{out}} J)`.  For cross-entropy with
     targets sampled from the model this is also the exact diagonal of the
-    Fisher.  Routes as in :func:`fast_hessian_diagonal` (the chain route drops
-    the activations' second derivatives; the graph route records the model and
-    the loss one after the other and keeps the residual terms of the loss's
-    calls only; the layer route uses GGN-vector
+    Fisher.  Routes as in :func:`fast_hessian_diagonal` (the graph route records
+    the model and the loss one after the other and keeps the residual terms of
+    the loss's calls only, dropping the activations' second derivatives; the
+    layer route uses GGN-vector
     products :math:`J^\top H_{\text{out}} J v`; the sweep one per entry), and
     differentiable in the same way (the sweep under a transform or autograd).
 
