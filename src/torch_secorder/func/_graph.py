@@ -323,13 +323,19 @@ class _Plan:
         """
         unit, upto, ups = {}, {}, {}
         total = 0.0
-        covered = {id(site) for site in self.sites}
+        widest = 0  # the most columns and diagonal entries one call can start
         for step in self.walk:
             size = sum(o[0].numel() if o.dim() > 0 else 1 for o in step.outs)
             unit[step.index] = size * (1 + _fan_in(step))
             if step.useful or step.site is not None:
                 total += unit[step.index]
             upto[step.index] = total
+            if step.useful:
+                widest = max(widest, size + (_residual_columns(step) if step.curved else 0))
+        if widest * total <= SMALL_COST:  # every origin costs at most widest * total
+            return set()
+        covered = {id(site) for site in self.sites}
+        for step in self.walk:
             up = set().union(*(ups.get(id(u), set()) for u in step.useful))
             if step.site is not None and id(step.site) in covered:
                 up = up | {id(step.site)}
