@@ -282,3 +282,62 @@ def test_linear_squares_through_unit_blocks(n, t, d, o, k, seed):
     per_b = cols.sum(2)
     assert_close(found["weight"], torch.einsum("knod,kn->od", per_w * per_w, sign))
     assert_close(found["bias"], torch.einsum("kno,kn->o", per_b * per_b, sign))
+
+
+def _tape(f, params):
+    calls, _ = record(f, params)
+    return calls
+
+
+def test_per_position_calls():
+    """Which rules keep a column on its position (the cost model's junction reach)."""
+    x = torch.randn(2, 3, 4, dtype=DT)
+    w, w2 = torch.randn(5, 4, dtype=DT), torch.randn(4, 4, dtype=DT)
+    y = torch.randn(2, 3, 4, dtype=DT)
+
+    def f(p):
+        h = p["x"]
+        F.linear(h, w)
+        F.layer_norm(h, (4,))
+        F.layer_norm(h, (3, 4))
+        torch.tanh(h)
+        h + y
+        h + y[:, :1]  # broadcast over positions: a column read on every position
+        h @ w2
+        torch.softmax(h, 1)
+        return h.sum()
+
+    calls = _tape(f, {"x": x})
+    calls = [
+        c for c in calls if c.func is not Tensor.sum and any(t is x for t in c.tensor_inputs())
+    ]
+    expected = [True, True, False, True, True, True, False, False]
+    for call, want in zip(calls, expected, strict=True):
+        active = [x]
+        assert rule_for(call).per_position(call, active) is want, call.func
+
+
+def test_cost_charges_a_junction_once(monkeypatch):
+    """Per-position origins are charged down to the junction and, below it, as at most
+    its columns: less than walking every column to the end."""
+    torch.manual_seed(4)
+    model = Stack(7, 4, 2, 1, "layer", 3).to(DT)
+    idx = torch.randint(0, 7, (2, 6))
+    y = torch.tensor([0, 2])
+    calls, value = record(
+        lambda p: F.cross_entropy(torch.func.functional_call(model, p, (idx,)), y),
+        dict(model.named_parameters()),
+    )
+    leaves = list(dict(model.named_parameters()).values())
+    from torch_secorder.func.fast_diagonal import _find_sites
+
+    sites = _find_sites(calls, leaves)
+    monkeypatch.setattr(graph, "SMALL_COST", -1.0)
+    plan = graph._Plan(calls, value, sites, 0)
+    assert plan.junctions()  # the residual stream
+    with_junctions = {s.index: c for s, c, _ in plan.origin_costs()}
+    monkeypatch.setattr(graph._Plan, "junctions", lambda self: {})
+    without = {s.index: c for s, c, _ in plan.origin_costs()}
+    assert with_junctions.keys() == without.keys()
+    assert all(with_junctions[i] <= without[i] for i in without)
+    assert any(with_junctions[i] < without[i] for i in without)

@@ -77,6 +77,7 @@ from torch_secorder.func._rules import (
     BATCHED,
     REDUCED,
     Activation,
+    Norm,
     Softmax,
     elementwise_derivatives,
     rule_for,
@@ -311,15 +312,28 @@ class _Plan:
             node = below.useful[0]
 
     def costly(self) -> set[int]:
-        """The calls whose columns would cost more than sweeping the parameters upstream.
+        """The calls whose columns would cost more than sweeping the parameters upstream:
+        an origin of :meth:`origin_costs` above :data:`SMALL_COST` whose cost, times
+        :data:`COST_RATIO`, exceeds the sweep's (by ``id`` of its call): those parameters
+        take another route."""
+        return {
+            id(step.call)
+            for step, cost, sweep in self.origin_costs()
+            if cost > SMALL_COST and COST_RATIO * cost > sweep
+        }
+
+    def origin_costs(self) -> list[tuple[_Step, float, float]]:
+        """Each origin of columns, its estimated work and the sweep's of the parameters
+        upstream of it; empty when no origin can reach :data:`SMALL_COST`.
 
         Simulates where diagonals and columns arise (as :class:`_Backprop` does) and
         charges each origin its columns times the work of the calls below it, in
         per-slice entries (a call with a weight costs its fan-in per output entry; the
-        per-sample squares at a site as much again).  A sweep costs about four passes
-        over all calls per parameter.  An origin above :data:`SMALL_COST` whose cost,
-        times :data:`COST_RATIO`, exceeds the sweep of the covered parameters upstream
-        of it, is returned (by ``id`` of its call): those parameters take another route.
+        per-sample squares at a site as much again; a convolution :data:`CONV_WORK` times
+        that).  Columns on one position each that reach a junction (:meth:`junctions`)
+        through per-position calls only are charged down to it, and below it as at most
+        the junction's columns.  A sweep costs about four passes over all calls per
+        parameter.
         """
         unit, upto, ups = {}, {}, {}
         total = 0.0
@@ -327,13 +341,13 @@ class _Plan:
         for step in self.walk:
             size = sum(o[0].numel() if o.dim() > 0 else 1 for o in step.outs)
             unit[step.index] = size * (1 + _fan_in(step))
-            if step.useful or step.site is not None:
-                total += unit[step.index]
+            if step.useful or step.site is not None:  # columns pass: convolutions dearer
+                total += unit[step.index] * (CONV_WORK if step.call.func in _CONVS else 1.0)
             upto[step.index] = total
             if step.useful:
                 widest = max(widest, size + (_residual_columns(step) if step.curved else 0))
         if widest * total <= SMALL_COST:  # every origin costs at most widest * total
-            return set()
+            return []
         covered = {id(site) for site in self.sites}
         for step in self.walk:
             up = set().union(*(ups.get(id(u), set()) for u in step.useful))
@@ -348,15 +362,44 @@ class _Plan:
             up = set().union(*(ups.get(id(u), set()) for u in step.useful))
             return 4.0 * everything * sum(numel[i] for i in up)
 
-        found: set[int] = set()
+        # Columns living on one position that reach a junction through per-position
+        # calls only leave it as at most one column per entry of a position.
+        junctions = self.junctions()
+        reach: dict[int, int | None] = {}  # id(tensor) -> the junction its columns reach
+        for step in self.walk:
+            below = {reach.get(id(u)) for u in step.useful}
+            through = (
+                len(below) == 1
+                and step.rule is not None
+                and step.rule.per_position(step.call, step.active)
+            )
+            for o in step.outs:
+                if step.index in junctions:
+                    reach[id(o)] = step.index
+                elif through:
+                    reach[id(o)] = next(iter(below))
+
+        def charge(count: int, step: _Step, start: list[Tensor]) -> float:
+            ends = {reach.get(id(t)) for t in start}
+            j = ends.pop() if len(ends) == 1 else None
+            if j is None:
+                return count * upto[step.index]
+            kept = min(count, junctions[j])
+            return count * (upto[step.index] - upto[j]) + kept * upto[j]
+
+        found: list[tuple[_Step, float, float]] = []
         diag: set[int] = set()
         for step in reversed(self.walk):
             if not step.useful:
                 continue
             cost = 0.0
             if step.curved:
-                cost += _residual_columns(step) * upto[step.index]
-                if isinstance(step.rule, (Activation, Softmax)) or _diag_loss(step):
+                columns = _residual_columns(step)
+                if step.rule.per_position(step.call, step.active):
+                    cost += charge(columns, step, step.useful)
+                else:
+                    cost += columns * upto[step.index]
+                if _has_diagonal(step):
                     diag.update(id(u) for u in step.useful)
             for o in step.outs:
                 if id(o) not in diag:
@@ -365,9 +408,25 @@ class _Plan:
                 if step.elementwise:
                     diag.add(id(step.active[0]))
                 elif self.banded(step) is None and not self._lazy_stops(step):
-                    cost += (o[0].numel() if o.dim() > 0 else 1) * upto[step.index]
-            if cost > SMALL_COST and COST_RATIO * cost > sweep(step):
-                found.add(id(step.call))
+                    cost += charge(o[0].numel() if o.dim() > 0 else 1, step, [o])
+            if cost:
+                found.append((step, cost, sweep(step)))
+        return found
+
+    def junctions(self) -> dict[int, int]:
+        """The tensors where columns of several origins meet (read by two calls or more
+        on the way, ``(N, D)`` or ``(N, T, D)``: a residual stream), as the index of the
+        call that made each -> its columns per sample after the junction (positions
+        times units, see :class:`_Junction`)."""
+        readers: dict[int, int] = {}
+        for step in self.walk:
+            for t in step.useful:
+                readers[id(t)] = readers.get(id(t), 0) + 1
+        found = {}
+        for step in self.walk:
+            outs = step.outs
+            if len(outs) == 1 and readers.get(id(outs[0]), 0) > 1 and outs[0].dim() in (2, 3):
+                found[step.index] = outs[0][0].numel()
         return found
 
     @staticmethod
@@ -398,13 +457,24 @@ class _Plan:
 _LAZY_SITES = ("linear", "layer_norm", "rms_norm")
 
 #: The route is declined where this many times its estimated work exceeds the sweep's.
-#: Measured (1 thread, float64): on a 2-block tanh ResNet (width 8, 16x16, batch 16,
-#: estimate 7.3x below the sweep) the graph route took about as long as the sweep (77 s);
-#: on a 1-layer transformer (estimate 22x below) it was 4x faster than the sweep.
-COST_RATIO = 8.0
+#: Measured (2 threads, float64, graph route forced against the sweep, with
+#: :data:`CONV_WORK`): a 2-block tanh ResNet (width 8, 16x16, batch 16) estimated between
+#: 0.5x and 1x the sweep's work took 1.4x its time (22 s against 16 s); 1-layer
+#: transformers (d 32, 4 heads) estimated 32-64x, 4-8x and 1-2x below the sweep at 16, 64
+#: and 128 tokens (batch 8, 4, 2) ran 8.4x, 3.5x and 2.9x faster than it.
+COST_RATIO = 1.0
+#: How much more a convolution's multiply-add costs on columns (its input-gradient and
+#: the per-sample squares from unfolded patches, in chunks of columns) than in the sweep's
+#: vectorised products, per the estimate's unit.  Measured (2 threads, float64, 16x16
+#: images of 8 channels): the columns pass 0.6 ms per column and convolution and 0.5 ms
+#: per column and site, about 4x the estimate's share against the sweep's.
+CONV_WORK = 4.0
 #: Below this estimate (per-slice entries times fan-in) the route is always taken: small
 #: problems cost little either way, and the graph route's few vectorised calls win.
 SMALL_COST = 1e8
+
+
+_CONVS = _WEIGHTED - {F.linear}
 
 
 def _fan_in(step: _Step) -> int:
@@ -424,7 +494,18 @@ def _residual_columns(step: _Step) -> int:
     if isinstance(rule, Softmax):
         x = step.active[0]
         return 2 * x[0].numel() // max(1, x.shape[rule._dim(call)])
+    if isinstance(rule, Norm) and (found := rule._row_norm(call, step.active)) is not None:
+        return 4 * step.active[0][0].numel() // found[0]  # four per normalised row
     return sum(a[0].numel() if a.dim() > 0 else 1 for a in step.active)
+
+
+def _has_diagonal(step: _Step) -> bool:
+    """Whether a curved call's residual has a diagonal part (activations, softmax, the
+    layer/RMS norms' closed form, the squared error)."""
+    rule = step.rule
+    if isinstance(rule, (Activation, Softmax)) or _diag_loss(step):
+        return True
+    return isinstance(rule, Norm) and rule._row_norm(step.call, step.active) is not None
 
 
 def _diag_loss(step: _Step) -> bool:
@@ -607,17 +688,12 @@ class _Backprop:
             self._walk(start, True, {id(node): cols.reshape(k, *node.shape)}, sign, skip)
 
     def _junctions(self) -> dict[int, _Junction]:
-        """The tensors where the columns of several origins are summed into blocks: read
-        by two calls or more on the way (a residual stream), ``(N, D)`` or ``(N, T, D)``."""
-        readers: dict[int, int] = {}
-        for step in self.plan.walk:
-            for t in step.useful:
-                readers[id(t)] = readers.get(id(t), 0) + 1
+        """A :class:`_Junction` at each of :meth:`_Plan.junctions`, by ``id`` of its tensor."""
+        at = self.plan.junctions()
         found = {}
         for step in self.plan.walk:
-            outs = step.outs
-            if len(outs) == 1 and readers.get(id(outs[0]), 0) > 1 and outs[0].dim() in (2, 3):
-                found[id(outs[0])] = _Junction(outs[0], step.index, self.budget)
+            if step.index in at:
+                found[id(step.outs[0])] = _Junction(step.outs[0], step.index, self.budget)
         return found
 
     def _walk(

@@ -129,6 +129,12 @@ class Rule:
         """Whether :meth:`residual` can be formed (checked before computing)."""
         return True
 
+    def per_position(self, call: Call, active: list[Tensor]) -> bool:
+        """Whether the call acts on each position (every axis but the last) apart: a
+        column living on one position stays on it across the call (and its residual,
+        if curved, is made of such columns and a diagonal).  Elementwise calls do."""
+        return self.is_elementwise(call, active)
+
     def residual(self, call: Call, active: list[Tensor], g_out: Tensor) -> Residual | None:
         """The residual term (``None``: declines; the route then stops there)."""
         return None
@@ -175,6 +181,15 @@ class Pointwise(Rule):
 
     def is_elementwise(self, call, active):
         return _same_shape(call, active) and not self.is_curved(call, active)
+
+    def per_position(self, call, active):
+        """Sums and differences of tensors of the output's shape (a residual stream)."""
+        out = call.out
+        return (
+            self.kind == "add"
+            and isinstance(out, Tensor)
+            and all(a.shape == out.shape for a in active)
+        )
 
     def residual_ok(self, call, active):
         return _dense_ok(active)
@@ -619,6 +634,13 @@ class Norm(Rule):
     def residual_ok(self, call, active):
         return self._row_norm(call, active) is not None or _dense_ok(active)
 
+    def per_position(self, call, active):
+        """A layer/RMS norm over the last axis (eval batch norm: elementwise)."""
+        found = self._row_norm(call, active)
+        return (found is not None and found[0] == active[0].shape[-1]) or self.is_elementwise(
+            call, active
+        )
+
     def residual(self, call, active, g_out):
         found = self._row_norm(call, active)
         if found is not None:
@@ -754,6 +776,10 @@ class Reshape(Shape):
 
 class LinearInput(Shape):
     """``F.linear``/convolutions reading a constant weight: linear in their input."""
+
+    def per_position(self, call, active):
+        """``F.linear`` mixes the last axis only."""
+        return call.func is F.linear and len(active) == 1 and call.args[0] is active[0]
 
     def fast_vjp(self, call, active, cols):
         (x,) = active
