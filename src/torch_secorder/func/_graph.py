@@ -73,6 +73,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 from torch_secorder._chunks import chunk_entries
+from torch_secorder.func._patches import unfold
 from torch_secorder.func._rules import (
     BATCHED,
     REDUCED,
@@ -84,6 +85,7 @@ from torch_secorder.func._rules import (
     substituted,
 )
 from torch_secorder.func._sites import Site
+from torch_secorder.func._tangents import tangent_diagonal
 from torch_secorder.func._tape import Call
 
 __all__ = ["graph_diagonal"]
@@ -419,13 +421,31 @@ class _Plan:
         call that made each -> its columns per sample after the junction (positions
         times units, see :class:`_Junction`)."""
         readers: dict[int, int] = {}
+        made: dict[int, list[int]] = {}  # id(tensor) -> the steps returning it
         for step in self.walk:
             for t in step.useful:
                 readers[id(t)] = readers.get(id(t), 0) + 1
+            for o in step.outs:
+                made.setdefault(id(o), []).append(step.index)
+        # A junction must see every column of an origin whole: no call below it may read
+        # a tensor made above it (a path around it), and it is nobody's alias (eval
+        # dropout returns its input).
+        oldest_after: dict[int, float] = {}
+        oldest = math.inf
+        for step in reversed(self.walk):
+            oldest_after[step.index] = oldest
+            for t in step.useful:
+                oldest = min(oldest, made.get(id(t), [math.inf])[0])
         found = {}
         for step in self.walk:
             outs = step.outs
-            if len(outs) == 1 and readers.get(id(outs[0]), 0) > 1 and outs[0].dim() in (2, 3):
+            if (
+                len(outs) == 1
+                and readers.get(id(outs[0]), 0) > 1
+                and outs[0].dim() in (2, 3)
+                and made[id(outs[0])] == [step.index]
+                and oldest_after[step.index] >= step.index
+            ):
                 found[step.index] = outs[0][0].numel()
         return found
 
@@ -520,34 +540,40 @@ def graph_diagonal(
     compute: bool = True,
     budget: int | None = None,
     max_columns: int | None = None,
-) -> dict[int, Tensor | None]:
-    """Diagonals (leaf index -> tensor) of the parameters the graph route covers.
+    progress: bool = False,
+) -> dict[int, tuple[str, Tensor | None]]:
+    """Routes and diagonals (leaf index -> ``(route, tensor)``) of the parameters the
+    graph route covers (``"graph"``), and of those whose columns it declines as too
+    costly, by the tangent route (``"tangent"``, :mod:`torch_secorder.func._tangents`).
 
     ``sites``: the affine sites of once-read parameters; ``curved_from``: the
     first call whose second derivatives count (``0`` for the Hessian, the first
-    call of the loss for the GGN); ``compute=False`` only plans (values
+    call of the loss for the GGN); ``compute=False`` only plans (tensors
     ``None``); ``budget``: column entries at one tensor (default: the chunk policy
     of ``value``'s device, read once here).
     """
     blocked: set[int] = set()
     while True:  # block the origins whose columns would cost more than sweeping
         plan = _Plan(calls, value, sites, curved_from, blocked)
-        if not plan.sites:
-            return {}
-        more = plan.costly() - blocked
+        more = plan.costly() - blocked if plan.sites else set()
         if not more:
             break
         blocked |= more
+    full = _Plan(calls, value, sites, curved_from) if blocked else plan
+    graphed = {id(s) for s in plan.sites}
+    forward = [s for s in full.sites if id(s) not in graphed]
+    routes = [("graph", s) for s in plan.sites] + [("tangent", s) for s in forward]
     if not compute:
-        return {i: None for s in plan.sites for i in s.roles.values()}
+        return {i: (route, None) for route, s in routes for i in s.roles.values()}
     if budget is None:
         budget = chunk_entries(value.device)
     with torch.no_grad():
-        acc = _Backprop(plan, budget, max_columns).run()
-    out: dict[int, Tensor] = {}
-    for site in plan.sites:
+        acc = _Backprop(plan, budget, max_columns).run() if plan.sites else {}
+        acc.update(tangent_diagonal(full.walk, value, forward, budget, progress))
+    out: dict[int, tuple[str, Tensor | None]] = {}
+    for route, site in routes:
         for role, i in site.roles.items():
-            out[i] = acc[(id(site), role)].reshape(site.bound[role].shape)
+            out[i] = (route, acc[(id(site), role)].reshape(site.bound[role].shape))
     return out
 
 
@@ -726,15 +752,19 @@ class _Backprop:
             if all(c is None for c in mine):
                 continue
             at_start = step.index == start and inclusive
+            site = self.site_of.get(id(step.call))
+            # Columns that start at a site's output were read there already (a diagonal
+            # term, read by its rows): they may not join a junction whose columns the
+            # site reads when they leave it.
+            read = step.index == skip or (at_start and not own and site is not None)
             junction = self.junctions.get(id(outs[0])) if len(outs) == 1 else None
             if (
                 junction is not None
                 and not (at_start and own)
-                and step.index != skip
+                and not read
                 and junction.take(mine[0], sign)
             ):
                 continue
-            site = self.site_of.get(id(step.call))
             if site is not None and (own or not at_start) and step.index != skip:
                 self._add(site, self._site_columns(site, mine[0], sign))
             if not step.useful:
@@ -906,7 +936,7 @@ def _banded(plan: _Plan, step: _Step, r: Tensor) -> tuple[Site, dict[str, Tensor
     x, w1 = c1["input"], c1["weight"]
     kh, kw = w2.shape[-2:]
     dil = c2["dilation"]
-    patches = F.unfold(x, w1.shape[-2:], c1["dilation"], c1["padding"], c1["stride"])
+    patches = unfold(x, tuple(w1.shape[-2:]), c1["dilation"], c1["padding"], c1["stride"])
     n, j, _ = patches.shape
     grid = a.shape[-2:]
     patches = patches.reshape(n, j, *grid)
@@ -1088,7 +1118,8 @@ def _conv_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str,
     """:func:`_per_sample_squares` of a 1-d/2-d convolution from its input patches.
 
     Per-sample weight gradients ``(K, N, groups, C_out/g, C_in/g kh kw)`` as one
-    product of the columns with the patches (``F.unfold``), in chunks of columns.
+    product of the columns with the patches (:func:`~torch_secorder.func._patches.unfold`),
+    in chunks of columns.
     """
     b = site.bound
     x, w = b["input"], b["weight"]
@@ -1109,7 +1140,7 @@ def _conv_squares(site: Site, s: Tensor, sign: Tensor, budget: int) -> dict[str,
     groups = b["groups"]
     n, k = x.shape[0], s.shape[0]
     c_out = w.shape[0]
-    patches = F.unfold(x, w.shape[2:], dilation, padding, stride)  # (N, C_in kk, L)
+    patches = unfold(x, tuple(w.shape[2:]), dilation, padding, stride)  # (N, C_in kk, L)
     patches = patches.reshape(n, groups, -1, patches.shape[-1])  # (N, G, J, L)
     cols = s.reshape(k, n, groups, c_out // groups, -1)  # (K, N, G, O, L)
     out: dict[str, Tensor] = {}

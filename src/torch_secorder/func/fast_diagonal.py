@@ -3,7 +3,7 @@ r"""Exact Hessian and GGN diagonals at the cost of a few products per layer.
 The basis sweep (:func:`torch_secorder.func.hessian_diagonal`) pays one
 Hessian-vector product per parameter entry.  This module finds, by recording one
 evaluation of the loss, the parameters for which much less is enough, and
-computes their diagonal by one of two routes; everything else is swept.  Every
+computes their diagonal by one of three routes; everything else is swept.  Every
 route is exact: the numbers equal the dense Hessian's (GGN's) diagonal up to
 rounding.
 
@@ -17,11 +17,12 @@ products such as :math:`QK^\top`, layer norm, the loss), each crossing a call by
 its Jacobian transpose (in closed form for linear layers, convolutions, pooling,
 layer norm, softmax, moves of axes and elementwise calls; ``torch.func.vjp``
 otherwise); at every affine site the parameter diagonal is the signed sum of
-squared per-sample gradients of the columns.  Columns of several origins that meet
-on a residual stream, each living on one position, are summed there into a block per
-position and go on as at most one column per entry of a position.  A diagonal term that crosses one
-``F.linear`` stays lazy, :math:`(AD)^\top \operatorname{diag}(r)(AD)`, down to
-the linear or layer-norm site below, which reads it by its diagonal
+squared per-sample gradients of the columns.  Columns of several origins that
+meet on a residual stream, each living on one position, are summed there into a
+block per position and go on as at most one column per entry of a position.  A
+diagonal term that crosses one ``F.linear`` stays lazy,
+:math:`(AD)^\top \operatorname{diag}(r)(AD)`, down to the linear or layer-norm site
+below, which reads it by its diagonal
 :math:`d^2 \odot (A\odot A)^\top r`; one that crosses a 2-d convolution into a
 convolution site reading the data is read by its band of kernel offsets.
 Pooling, reshapes, slicing, padding, concatenation, residual additions (a tensor
@@ -46,9 +47,17 @@ linear layer: a few matrix products per layer; the GGN drops the
 
 The samples must stay apart: a call that mixes them (training-mode batch norm,
 a transposed batch axis) or that has no rule leaves the parameters upstream of
-it to the next routes, and so does an origin of columns estimated to cost more
-than sweeping the parameters above it (a diagonal term crossing wide
-convolutions: one column per entry of a sample).
+it to the next routes.
+
+**Tangent route** (``"tangent"``).  Where an origin of columns is estimated to
+cost more than sweeping the parameters above it (a diagonal term crossing wide
+convolutions: one column per entry of a sample), those parameters go the other
+way (:mod:`torch_secorder.func._tangents`): one forward tangent per parameter
+entry, from its site down to the loss through the same rules, and the diagonal
+entry is the sum over the curved calls of their residual terms read as quadratic
+forms in the tangent, :math:`\partial^2 L/\partial\theta_j^2 = \sum_c
+t_c^\top R_c\, t_c`.  One forward pass per entry, from the site on, where the
+sweep pays a forward and a backward pass from the input.
 
 **Layer route** (``"rows"``, ``"blocks"``).  For a parameter read by exactly one
 call of an operator affine in it (``F.linear``, ``F.conv*d``, ``F.embedding``,
@@ -74,7 +83,8 @@ Memory: at most ``chunk_size`` perturbations are in flight at once (default:
 about ``2**24`` tangent entries); the graph route walks its columns in chunks
 of at most :func:`torch_secorder._chunks.chunk_entries` entries at a tensor (the
 device's chunk policy: ``2**24`` on the CPU, from the free memory on CUDA; at
-most ``chunk_size`` columns when given).
+most ``chunk_size`` columns when given); the tangent route carries a quarter of
+that budget's worth of directions per tensor.
 
 The closed-form arithmetic of the graph route runs outside the
 torch-function modes active at the call (:func:`~torch_secorder.func._tape.outside_modes`);
@@ -106,7 +116,7 @@ from torch_secorder.linalg.trace import chunk_ranges
 __all__ = ["diagonal_plan", "fast_hessian_diagonal", "ggn_diagonal", "ROUTES"]
 
 #: The routes a parameter's diagonal can take (see the module docstring).
-ROUTES = ("graph", "rows", "blocks", "sweep")
+ROUTES = ("graph", "tangent", "rows", "blocks", "sweep")
 
 
 class _Problem:
@@ -461,10 +471,16 @@ def _run(problem: _Problem, chunk_size, progress, plan_only=False):
     if curved_from is not None:
         with outside_modes():
             graphed = graph_diagonal(
-                calls, value, sites, curved_from, not plan_only, max_columns=chunk_size
+                calls,
+                value,
+                sites,
+                curved_from,
+                not plan_only,
+                max_columns=chunk_size,
+                progress=progress,
             )
-        for i, d in graphed.items():
-            routes[i] = "graph"
+        for i, (route, d) in graphed.items():
+            routes[i] = route
             if d is not None:
                 diag[i] = d
         sites = [s for s in sites if not all(i in routes for i in s.roles.values())]

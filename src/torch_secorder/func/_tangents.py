@@ -1,0 +1,307 @@
+r"""The tangent route: each parameter entry's curvature by one forward tangent.
+
+Along a parameter entry :math:`\theta_j` the diagonal entry is the second derivative
+:math:`\partial^2 L/\partial\theta_j^2`.  With the first derivative :math:`t = \partial
+\cdot/\partial\theta_j` carried forward through the recorded calls (a tangent of every
+tensor downstream of the entry's site), the chain rule gives
+
+.. math::
+    \frac{\partial^2 L}{\partial\theta_j^2} = \sum_{\text{curved calls } c}
+    t_{\text{in}(c)}^\top \Big(\sum_i g_{c,i} \nabla^2 \text{out}_{c,i}\Big)
+    t_{\text{in}(c)},
+
+the residual term of every curved call (its rule's diagonal and signed columns, with
+``g`` its output's gradient from one backward pass; the loss is such a call, its
+residual the loss Hessian) read as a quadratic form in the tangent of its inputs.
+An affine site contributes no second derivative of its own, and the second-order
+tangents never need to be formed: they enter only through linear calls, whose
+contribution the gradients ``g`` already carry.
+
+Cost: one forward pass of tangents per parameter entry, from the entry's site down
+to the loss, all entries of a chunk at once; no backward pass per entry.  A
+Hessian-vector product of the sweep costs a forward and a backward pass of tangents
+from the input on.  The route covers the sites whose columns the graph route
+declines as too costly (many residual entries per sample crossing convolutions:
+the columns scale with the activations, the tangents with the parameters).
+Convolutions with unit stride carry the tangents by the input-gradient kernel of
+their flipped weight, which in float64 on the CPU runs about 2.5x the speed of the
+forward kernel (measured, torch 2.13, 8-channel 16x16 maps).
+
+Memory: at most ``max(1, budget // (4 * largest tensor))`` entries in flight, each a
+tangent of every live tensor downstream (freed after its last reader).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import jvp, vmap
+
+from torch_secorder.func._patches import unfold
+from torch_secorder.func._rules import Residual, substituted
+from torch_secorder.linalg.progress import progress_bar
+
+__all__ = ["tangent_diagonal"]
+
+
+def tangent_diagonal(
+    walk: list, value: Tensor, sites: list, budget: int, progress: bool = False
+) -> dict:
+    """Diagonals ``{(id(site), role): tensor}`` of the sites' parameters.
+
+    ``walk``: the graph route's steps (:class:`~torch_secorder.func._graph._Step`) on
+    the way from the sites to ``value``, every one crossed by a rule; ``sites``: affine
+    sites among them whose parameters no other call reads; ``progress``: a progress bar
+    over the chunks of entries.
+    """
+    if not sites:
+        return {}
+    floor = min(_index(walk, site.call) for site in sites)
+    residuals = _residuals(walk, value, floor)
+    last = _last_reads(walk)
+    largest = max((o.numel() for s in walk for o in s.outs), default=1)
+    chunk = max(1, budget // max(1, 4 * largest))
+    pieces: dict[tuple[int, str], list[Tensor]] = {}
+    work = [
+        (site, role, lo, min(site.bound[role].numel(), lo + chunk))
+        for site in sites
+        for role in site.roles
+        for lo in range(0, site.bound[role].numel(), chunk)
+    ]
+    for site, role, lo, hi in progress_bar(work, enabled=progress, desc="diagonal by tangents"):
+        param = site.bound[role]
+        basis = param.new_zeros(hi - lo, param.numel()) if _needs_basis(site, role) else None
+        if basis is not None:
+            basis[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+        tangent = _site_tangent(site, role, lo, hi)
+        if tangent is None:
+            tangent = vmap(_along(site.call, param))(basis.reshape(hi - lo, *param.shape))
+        start = _index(walk, site.call)
+        q = _forward(walk, start, {id(site.call.out): tangent}, residuals, last, value)
+        pieces.setdefault((id(site), role), []).append(q)
+    return {
+        (id(site), role): torch.cat(pieces[(id(site), role)]).reshape(site.bound[role].shape)
+        for site in sites
+        for role in site.roles
+    }
+
+
+def _index(walk: list, call) -> int:
+    return next(step.index for step in walk if step.call is call)
+
+
+def _last_reads(walk: list) -> dict[int, int]:
+    """The last step reading each tensor (by ``id``)."""
+    last: dict[int, int] = {}
+    for step in walk:
+        for t in step.active:
+            last[id(t)] = step.index
+    return last
+
+
+def _residuals(walk: list, value: Tensor, floor: int) -> dict[int, Residual]:
+    """The residual of every curved call at or after ``floor``, from one backward pass."""
+    g: dict[int, Tensor] = {id(value): torch.ones_like(value)}
+    found: dict[int, Residual] = {}
+    for step in reversed(walk):
+        if step.index < floor:
+            break
+        outs = step.outs
+        g_outs = [g.pop(id(o), None) for o in outs]
+        if all(x is None for x in g_outs) or not step.active:
+            continue
+        g_outs = [torch.zeros_like(o) if x is None else x for o, x in zip(outs, g_outs)]
+        if step.curved:
+            cot = g_outs[0] if isinstance(step.call.out, Tensor) else tuple(g_outs)
+            res = step.rule.residual(step.call, step.active, cot)
+            if res is None:
+                raise RuntimeError(f"no residual for {step.call.func}")  # planned otherwise
+            found[step.index] = res
+        if step.index > floor:
+            for t, gi in zip(step.active, step.back([x[None] for x in g_outs])):
+                g[id(t)] = gi[0] if id(t) not in g else g[id(t)] + gi[0]
+    return found
+
+
+def _needs_basis(site, role: str) -> bool:
+    return _site_tangent(site, role, 0, 0) is None
+
+
+def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | None:
+    """The site output's tangents ``(hi - lo, *z.shape)`` along entries ``lo:hi`` of the
+    parameter in closed form (``F.linear``, ungrouped ``F.conv1d``/``F.conv2d`` with
+    numeric padding: an entry ``(o, j)`` of the weight moves output unit ``o`` by input
+    patch entry ``j``, the bias moves it by one), else ``None``."""
+    call, z = site.call, site.call.out
+    if call.func not in (F.linear, F.conv1d, F.conv2d) or site.kind not in ("linear", "conv"):
+        return None
+    b = site.bound
+    weight = b["weight"]
+    if call.func is not F.linear and (
+        b.get("groups", 1) != 1 or isinstance(b.get("padding", 0), str)
+    ):
+        return None
+    if hi == lo:
+        return z.new_zeros(0)
+    k = hi - lo
+    entries = torch.arange(lo, hi, device=z.device)
+    units = weight.shape[0]
+    if call.func is F.linear:
+        x = b["input"]
+        if role == "weight":
+            o, j = entries // x.shape[-1], entries % x.shape[-1]
+            tangent = z.new_zeros(k, *z.shape)
+            tangent[torch.arange(k), ..., o] = x[..., j].movedim(-1, 0)
+            return tangent
+        tangent = z.new_zeros(k, *z.shape)
+        tangent[torch.arange(k), ..., entries] = 1.0
+        return tangent
+    one = call.func is F.conv1d
+    x = b["input"].unsqueeze(2) if one else b["input"]
+    kernel = (1, *weight.shape[2:]) if one else weight.shape[2:]
+
+    def pair(v, fill):
+        v = (v,) if isinstance(v, int) else tuple(v)
+        return (fill, *v) if one else (v * 2 if len(v) == 1 else v)
+
+    n = x.shape[0]
+    tangent = z.new_zeros(k, n, units, z[0, 0].numel())  # (k, N, O, L)
+    if role == "weight":
+        patches = unfold(
+            x,
+            kernel,
+            pair(b.get("dilation", 1), 1),
+            pair(b.get("padding", 0), 0),
+            pair(b.get("stride", 1), 1),
+        )  # (N, J, L)
+        per_unit = patches.shape[1]
+        o, j = entries // per_unit, entries % per_unit
+        tangent[torch.arange(k), :, o] = patches[:, j].transpose(0, 1)
+    else:
+        tangent[torch.arange(k), :, entries] = 1.0
+    return tangent.reshape(k, *z.shape)
+
+
+def _along(call, param: Tensor) -> Callable[[Tensor], Tensor]:
+    """The site's output tangent along a direction of ``param``."""
+    fn = substituted(call, [param])
+
+    def along(direction: Tensor) -> Tensor:
+        return jvp(fn, (param,), (direction,))[1]
+
+    return along
+
+
+def _forward(walk, start, tangents, residuals, last, value) -> Tensor:
+    """Second derivatives ``(k,)`` along the directions whose tangents start at ``start``."""
+    k = next(iter(tangents.values())).shape[0]
+    total = next(iter(tangents.values())).new_zeros(k)
+    for step in walk:
+        if step.index <= start:
+            continue
+        ts = [tangents.get(id(a)) for a in step.active]
+        if all(t is None for t in ts):
+            continue
+        ts = [a.new_zeros(k, *a.shape) if t is None else t for a, t in zip(step.active, ts)]
+        res = residuals.get(step.index)
+        if res is not None:
+            total = total + _quadratic(res, step.active, ts)
+        for a in step.active:
+            if last.get(id(a)) == step.index:
+                tangents.pop(id(a), None)
+        if step.call.out is value:
+            continue
+        for o, t in zip(step.outs, _push(step, ts)):
+            tangents[id(o)] = t
+    return total
+
+
+def _quadratic(res: Residual, active: list[Tensor], ts: list[Tensor]) -> Tensor:
+    r""":math:`t^\top R\, t` per direction for a residual ``R`` (a diagonal and signed
+    columns, each column living on one slice)."""
+    k = ts[0].shape[0]
+    total = ts[0].new_zeros(k)
+    inner = None
+    for a, t in zip(active, ts):
+        d = res.diag.get(id(a))
+        if d is not None:
+            rows = t.reshape(k, -1)
+            total = total + (rows * d.reshape(-1)).mul_(rows).sum(1)
+        cols = (res.columns or {}).get(id(a))
+        if cols is not None:
+            n = a.shape[0]
+            part = torch.einsum(
+                "cne,kne->kcn", cols.reshape(cols.shape[0], n, -1), t.reshape(k, n, -1)
+            )
+            inner = part if inner is None else inner + part
+    if inner is not None:
+        total = total + (inner * inner * res.sign[None]).sum((1, 2))
+    return total
+
+
+def _push(step, ts: list[Tensor]) -> list[Tensor]:
+    """Tangents ``(k, *out.shape)`` of the step's outputs from those of its active inputs."""
+    call = step.call
+    if step.elementwise:
+        return [ts[0] * step.jacobian()]
+    if call.func in _ADDS and not call.kwargs and isinstance(call.out, Tensor):
+        shape = (ts[0].shape[0], *call.out.shape)
+        out = ts[0].expand(shape).clone()
+        for t in ts[1:]:
+            out += t
+        return [out]
+    if len(step.active) == 1 and call.args and call.args[0] is step.active[0]:
+        fast = _linear_in_input(call, ts[0])
+        if fast is not None:
+            return [fast]
+    fn = substituted(call, step.active)
+    primals = tuple(step.active)
+
+    def one(*tangent: Tensor):
+        return jvp(fn, primals, tangent)[1]
+
+    out = vmap(one)(*ts)
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+#: Sums of tensors: the tangent of the sum is the sum of the tangents (broadcast).
+_ADDS = (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__)
+
+
+def _linear_in_input(call, t: Tensor) -> Tensor | None:
+    """``F.linear`` and unit-stride ungrouped ``F.conv2d`` on tangents, bias left out."""
+    k = t.shape[0]
+    weight = call.kwargs.get("weight", call.args[1] if len(call.args) > 1 else None)
+    if not isinstance(weight, Tensor):
+        return None
+    if call.func is F.linear:
+        return t @ weight.T
+    if call.func is not F.conv2d:
+        return None
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    bound.update(zip(names, call.args))
+    bound.update(call.kwargs)
+    pairs = {}
+    for key in ("stride", "padding", "dilation"):
+        v = bound[key]
+        if isinstance(v, str):
+            return None
+        pairs[key] = (v, v) if isinstance(v, int) else tuple(v)
+    kernel = weight.shape[-2:]
+    flipped_pad = tuple(
+        d * (s - 1) - p for d, s, p in zip(pairs["dilation"], kernel, pairs["padding"])
+    )
+    if bound["groups"] != 1 or pairs["stride"] != (1, 1) or min(flipped_pad) < 0:
+        return None
+    out = call.out
+    flat = t.reshape(k * t.shape[1], *t.shape[2:])
+    # conv2d(x, W, padding p) = the input gradient of a convolution with the flipped,
+    # transposed kernel and padding d (s - 1) - p, evaluated at x (a faster kernel)
+    flipped = weight.transpose(0, 1).flip(-1, -2)
+    size = (flat.shape[0], *out.shape[1:])
+    res = torch.nn.grad.conv2d_input(size, flipped, flat, 1, flipped_pad, pairs["dilation"], 1)
+    return res.reshape(k, *out.shape)
