@@ -47,6 +47,39 @@ from torch_secorder.linalg.progress import progress_bar
 __all__ = ["tangent_diagonal"]
 
 
+class _OneChannel:
+    """Tangents that each live on one channel (axis 1 of a sample's tensor), as a
+    convolution weight's or bias entry moves one output channel: ``values``
+    ``(k, N, 1, ...)`` and ``channel`` ``(k,)``; elementwise calls keep them so, and the
+    next convolution costs a channel's share (then they are dense)."""
+
+    def __init__(self, values: Tensor, channel: Tensor, channels: int):
+        self.values, self.channel, self.channels = values, channel, channels
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        v = self.values.shape
+        return (v[0], v[1], self.channels, *v[3:])
+
+    def pick(self, full: Tensor) -> Tensor:
+        """Each direction's channel of a ``(N, C, ...)`` tensor: ``(k, N, 1, ...)``."""
+        return full.index_select(1, self.channel).movedim(1, 0).unsqueeze(2)
+
+    def dense(self) -> Tensor:
+        out = self.values.new_zeros(self.shape)
+        out[torch.arange(self.shape[0]), :, self.channel] = self.values[:, :, 0]
+        return out
+
+
+def _dense(t):
+    return t.dense() if isinstance(t, _OneChannel) else t
+
+
+def _dense_values(t) -> Tensor:
+    """A tensor of the tangents' dtype, device and number of directions."""
+    return t.values if isinstance(t, _OneChannel) else t
+
+
 def tangent_diagonal(
     walk: list, value: Tensor, sites: list, budget: int, progress: bool = False
 ) -> dict:
@@ -168,6 +201,20 @@ def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | None:
         return (fill, *v) if one else (v * 2 if len(v) == 1 else v)
 
     n = x.shape[0]
+    if not one:  # one channel each
+        o = entries // (weight[0].numel()) if role == "weight" else entries
+        if role == "weight":
+            patches = unfold(
+                x,
+                kernel,
+                pair(b.get("dilation", 1), 1),
+                pair(b.get("padding", 0), 0),
+                pair(b.get("stride", 1), 1),
+            )  # (N, J, L)
+            values = patches[:, entries % weight[0].numel()].transpose(0, 1)
+        else:
+            values = z.new_ones(k, n, z[0, 0].numel())
+        return _OneChannel(values.reshape(k, n, 1, *z.shape[2:]), o, units)
     tangent = z.new_zeros(k, n, units, z[0, 0].numel())  # (k, N, O, L)
     if role == "weight":
         patches = unfold(
@@ -197,15 +244,14 @@ def _along(call, param: Tensor) -> Callable[[Tensor], Tensor]:
 
 def _forward(walk, start, tangents, residuals, last, value) -> Tensor:
     """Second derivatives ``(k,)`` along the directions whose tangents start at ``start``."""
-    k = next(iter(tangents.values())).shape[0]
-    total = next(iter(tangents.values())).new_zeros(k)
+    first = _dense_values(next(iter(tangents.values())))
+    total = first.new_zeros(first.shape[0])
     for step in walk:
         if step.index <= start:
             continue
-        ts = [tangents.get(id(a)) for a in step.active]
+        ts = [tangents.get(id(a)) for a in step.active]  # None: no tangent (zero)
         if all(t is None for t in ts):
             continue
-        ts = [a.new_zeros(k, *a.shape) if t is None else t for a, t in zip(step.active, ts)]
         res = residuals.get(step.index)
         if res is not None:
             total = total + _quadratic(res, step.active, ts)
@@ -222,16 +268,24 @@ def _forward(walk, start, tangents, residuals, last, value) -> Tensor:
 def _quadratic(res: Residual, active: list[Tensor], ts: list[Tensor]) -> Tensor:
     r""":math:`t^\top R\, t` per direction for a residual ``R`` (a diagonal and signed
     columns, each column living on one slice)."""
-    k = ts[0].shape[0]
-    total = ts[0].new_zeros(k)
+    some = _dense_values(next(t for t in ts if t is not None))
+    k = some.shape[0]
+    total = some.new_zeros(k)
     inner = None
     for a, t in zip(active, ts):
+        if t is None:
+            continue
         d = res.diag.get(id(a))
         if d is not None:
-            rows = t.reshape(k, -1)
-            total = total + (rows * d.reshape(-1)).mul_(rows).sum(1)
+            if isinstance(t, _OneChannel):
+                rows, d = t.values.reshape(k, -1), t.pick(d).reshape(k, -1)
+                total = total + torch.linalg.vecdot(rows * d, rows)
+            else:
+                rows = t.reshape(k, -1)
+                total = total + torch.linalg.vecdot(rows * d.reshape(-1), rows)
         cols = (res.columns or {}).get(id(a))
         if cols is not None:
+            t = _dense(t)
             n = a.shape[0]
             part = torch.einsum(
                 "cne,kne->kcn", cols.reshape(cols.shape[0], n, -1), t.reshape(k, n, -1)
@@ -246,17 +300,38 @@ def _push(step, ts: list[Tensor]) -> list[Tensor]:
     """Tangents ``(k, *out.shape)`` of the step's outputs from those of its active inputs."""
     call = step.call
     if step.elementwise:
-        return [ts[0] * step.jacobian()]
+        t = ts[0]
+        if isinstance(t, _OneChannel):
+            return [_OneChannel(t.values * t.pick(step.jacobian()), t.channel, t.channels)]
+        return [t * step.jacobian()]
+    present = [t for t in ts if t is not None]
+    if (
+        len(present) == 1
+        and isinstance(present[0], _OneChannel)
+        and len(step.active) == 1
+        and call.args
+        and call.args[0] is step.active[0]
+    ):
+        conv = _conv_by_channel(call, present[0])
+        if conv is not None:
+            return [conv]
     if call.func in _ADDS and not call.kwargs and isinstance(call.out, Tensor):
-        shape = (ts[0].shape[0], *call.out.shape)
-        out = ts[0].expand(shape).clone()
-        for t in ts[1:]:
+        shape = (present[0].shape[0], *call.out.shape)
+        if len(present) == 1 and present[0].shape == shape:
+            return present  # tangents are never written in place
+        present = [_dense(t) for t in present]
+        out = present[0].expand(shape).clone()
+        for t in present[1:]:
             out += t
         return [out]
+    ts = [None if t is None else _dense(t) for t in ts]
+    present = [_dense(t) for t in present]
     if len(step.active) == 1 and call.args and call.args[0] is step.active[0]:
         fast = _linear_in_input(call, ts[0])
         if fast is not None:
             return [fast]
+    k = present[0].shape[0]
+    ts = [a.new_zeros(k, *a.shape) if t is None else t for a, t in zip(step.active, ts)]
     fn = substituted(call, step.active)
     primals = tuple(step.active)
 
@@ -279,7 +354,45 @@ def _linear_in_input(call, t: Tensor) -> Tensor | None:
         return None
     if call.func is F.linear:
         return t @ weight.T
+    found = _flipped_conv(call)
+    if found is None:
+        return None
+    flipped, pad, dilation = found
+    out = call.out
+    flat = t.reshape(k * t.shape[1], *t.shape[2:])
+    size = (flat.shape[0], *out.shape[1:])
+    res = torch.nn.grad.conv2d_input(size, flipped, flat, 1, pad, dilation, 1)
+    return res.reshape(k, *out.shape)
+
+
+def _conv_by_channel(call, t: _OneChannel) -> Tensor | None:
+    """A unit-stride ``F.conv2d`` of one-channel tangents: per input channel, that
+    channel's slice of the flipped kernel (a channel's share of the work)."""
+    found = _flipped_conv(call)
+    if found is None:
+        return None
+    flipped, pad, dilation = found  # (C_in, C_out, kh, kw)
+    out = call.out
+    k, n = t.values.shape[:2]
+    res = t.values.new_empty(k, *out.shape)
+    for c in torch.unique(t.channel).tolist():
+        sel = (t.channel == c).nonzero().flatten()
+        flat = t.values[sel].reshape(sel.numel() * n, 1, *t.values.shape[3:])
+        size = (flat.shape[0], *out.shape[1:])
+        part = torch.nn.grad.conv2d_input(size, flipped[c : c + 1], flat, 1, pad, dilation, 1)
+        res[sel] = part.reshape(sel.numel(), *out.shape)
+    return res
+
+
+def _flipped_conv(call):
+    """``(flipped kernel, its padding, dilation)`` of a unit-stride ungrouped ``F.conv2d``
+    with numeric padding within the kernel's reach, else ``None``: ``conv2d(x, W, p)`` is
+    the input gradient of a convolution with kernel ``W`` transposed and flipped and
+    padding ``d (s - 1) - p``, evaluated at ``x``."""
     if call.func is not F.conv2d:
+        return None
+    weight = call.kwargs.get("weight", call.args[1] if len(call.args) > 1 else None)
+    if not isinstance(weight, Tensor):
         return None
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     bound = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -297,11 +410,4 @@ def _linear_in_input(call, t: Tensor) -> Tensor | None:
     )
     if bound["groups"] != 1 or pairs["stride"] != (1, 1) or min(flipped_pad) < 0:
         return None
-    out = call.out
-    flat = t.reshape(k * t.shape[1], *t.shape[2:])
-    # conv2d(x, W, padding p) = the input gradient of a convolution with the flipped,
-    # transposed kernel and padding d (s - 1) - p, evaluated at x (a faster kernel)
-    flipped = weight.transpose(0, 1).flip(-1, -2)
-    size = (flat.shape[0], *out.shape[1:])
-    res = torch.nn.grad.conv2d_input(size, flipped, flat, 1, flipped_pad, pairs["dilation"], 1)
-    return res.reshape(k, *out.shape)
+    return weight.transpose(0, 1).flip(-1, -2), flipped_pad, pairs["dilation"]
