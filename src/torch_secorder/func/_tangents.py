@@ -163,7 +163,7 @@ def _needs_basis(site, role: str) -> bool:
     return _site_tangent(site, role, 0, 0) is None
 
 
-def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | None:
+def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | _OneChannel | None:
     """The site output's tangents ``(hi - lo, *z.shape)`` along entries ``lo:hi`` of the
     parameter in closed form (``F.linear``, ungrouped ``F.conv1d``/``F.conv2d`` with
     numeric padding: an entry ``(o, j)`` of the weight moves output unit ``o`` by input
@@ -201,21 +201,6 @@ def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | None:
         return (fill, *v) if one else (v * 2 if len(v) == 1 else v)
 
     n = x.shape[0]
-    if not one:  # one channel each
-        o = entries // (weight[0].numel()) if role == "weight" else entries
-        if role == "weight":
-            patches = unfold(
-                x,
-                kernel,
-                pair(b.get("dilation", 1), 1),
-                pair(b.get("padding", 0), 0),
-                pair(b.get("stride", 1), 1),
-            )  # (N, J, L)
-            values = patches[:, entries % weight[0].numel()].transpose(0, 1)
-        else:
-            values = z.new_ones(k, n, z[0, 0].numel())
-        return _OneChannel(values.reshape(k, n, 1, *z.shape[2:]), o, units)
-    tangent = z.new_zeros(k, n, units, z[0, 0].numel())  # (k, N, O, L)
     if role == "weight":
         patches = unfold(
             x,
@@ -224,12 +209,11 @@ def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | None:
             pair(b.get("padding", 0), 0),
             pair(b.get("stride", 1), 1),
         )  # (N, J, L)
-        per_unit = patches.shape[1]
-        o, j = entries // per_unit, entries % per_unit
-        tangent[torch.arange(k), :, o] = patches[:, j].transpose(0, 1)
+        per_unit = weight[0].numel()
+        channel, values = entries // per_unit, patches[:, entries % per_unit].transpose(0, 1)
     else:
-        tangent[torch.arange(k), :, entries] = 1.0
-    return tangent.reshape(k, *z.shape)
+        channel, values = entries, z.new_ones(k, n, z[0, 0].numel())
+    return _OneChannel(values.reshape(k, n, 1, *z.shape[2:]), channel, units)
 
 
 def _along(call, param: Tensor) -> Callable[[Tensor], Tensor]:
