@@ -207,7 +207,8 @@ def test_declined_where_columns_cost_more_than_the_sweep(monkeypatch):
 )
 def test_banded_term_between_two_convolutions(k1, k2, stride, padding, dilation, act, seed):
     """A diagonal term crossing one convolution into a convolution site that reads the data:
-    read off by the band of offsets (no columns); equal to the dense Hessian."""
+    read off by the band of offsets (no columns) where the offsets are fewer than the
+    columns saved (BAND_WORK), in columns otherwise; equal to the dense Hessian."""
     torch.manual_seed(seed)
     acts = {"tanh": nn.Tanh(), "gelu": nn.GELU(), "sigmoid": nn.Sigmoid()}
     conv2 = nn.Conv2d(2, 3, k2, stride=stride, padding=padding, dilation=dilation)
@@ -216,12 +217,16 @@ def test_banded_term_between_two_convolutions(k1, k2, stride, padding, dilation,
     width = body.to(DT)(x)[0].numel()
     model = nn.Sequential(body, nn.Flatten(), nn.Linear(width, 3)).to(DT)
     built = Built(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2]))
-    plan = graph._Plan  # the shortcut is taken: no diagonal origin walks columns
     walks = []
     real = graph._Backprop._walk_diag
-    try:
-        graph._Backprop._walk_diag = lambda self, *a: walks.append(a) or real(self, *a)
+    offsets = (2 * k2 - 1) ** 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            graph._Backprop, "_walk_diag", lambda self, *a: walks.append(a) or real(self, *a)
+        )
+        _check(built)  # the default: the band where it is cheaper
+        assert bool(walks) == (graph.BAND_WORK * offsets >= width)
+        walks.clear()
+        patch.setattr(graph, "BAND_WORK", 0.0)  # the band always
         _check(built)
-    finally:
-        graph._Backprop._walk_diag = real
-    assert plan is graph._Plan and not walks
+        assert not walks
