@@ -105,12 +105,11 @@ def tangent_diagonal(
         for lo in range(0, site.bound[role].numel(), chunk)
     ]
     for site, role, lo, hi in progress_bar(work, enabled=progress, desc="diagonal by tangents"):
-        param = site.bound[role]
-        basis = param.new_zeros(hi - lo, param.numel()) if _needs_basis(site, role) else None
-        if basis is not None:
-            basis[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
         tangent = _site_tangent(site, role, lo, hi)
-        if tangent is None:
+        if tangent is None:  # jvp of the site's call along one-hot directions
+            param = site.bound[role]
+            basis = param.new_zeros(hi - lo, param.numel())
+            basis[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
             tangent = vmap(_along(site.call, param))(basis.reshape(hi - lo, *param.shape))
         start = _index(walk, site.call)
         q = _forward(walk, start, {id(site.call.out): tangent}, residuals, last, value)
@@ -159,10 +158,6 @@ def _residuals(walk: list, value: Tensor, floor: int) -> dict[int, Residual]:
     return found
 
 
-def _needs_basis(site, role: str) -> bool:
-    return _site_tangent(site, role, 0, 0) is None
-
-
 def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | _OneChannel | None:
     """The site output's tangents ``(hi - lo, *z.shape)`` along entries ``lo:hi`` of the
     parameter in closed form (``F.linear``, ungrouped ``F.conv1d``/``F.conv2d`` with
@@ -177,8 +172,6 @@ def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | _OneChannel | N
         b.get("groups", 1) != 1 or isinstance(b.get("padding", 0), str)
     ):
         return None
-    if hi == lo:
-        return z.new_zeros(0)
     k = hi - lo
     entries = torch.arange(lo, hi, device=z.device)
     units = weight.shape[0]
