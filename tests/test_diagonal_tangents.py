@@ -221,3 +221,21 @@ def test_tanh_resnet_plans_its_convolutions_on_the_tangent_route():
     plan = ours_plan(built)
     assert {k for k, r in plan.items() if r != "tangent"} == {"7.weight", "7.bias"}
     assert plan["7.weight"] == "graph"
+
+
+def test_residuals_too_large_for_columns_take_tangents(monkeypatch):
+    """A curved call whose residual would not fit as columns (RESIDUAL_ENTRIES) is not
+    crossed by the graph route; the tangent route reads its curvature as a second
+    directional derivative (``jvp`` of ``jvp``), exactly."""
+    import torch_secorder.func._rules as rules
+
+    torch.manual_seed(0)
+    model = Stack(5, 4, 2, 1, "layer", 3).to(DT)
+    idx = torch.randint(0, 5, (2, 3))
+    built = Built(model, nn.CrossEntropyLoss(), idx, torch.tensor([0, 2]))
+    monkeypatch.setattr(rules, "RESIDUAL_ENTRIES", 0)
+    plan = ours_plan(built)
+    assert plan["blocks.0.qkv.weight"] == "tangent" and plan["emb.weight"] == "tangent"
+    assert set(plan.values()) <= {"graph", "tangent"}
+    assert_close(ours_hessian_diagonal(built), dense_hessian_diagonal(built))
+    assert_close(ours_ggn_diagonal(built), dense_ggn_diagonal(built))

@@ -169,6 +169,7 @@ class _Plan:
         kinds: dict[int, str | None] = {}
         steps: list[_Step] = []
         bad: set[int] = set()
+        self.unformed: set[int] = set()  # curved calls whose residual is too large to form
         n = None
         for i, call in enumerate(calls):
             site = site_of.get(id(call))
@@ -188,6 +189,8 @@ class _Plan:
                 step.curved = step.rule.is_curved(call, ins)
                 if step.curved and not step.rule.residual_ok(call, ins):
                     kind = None
+                elif step.curved and not step.rule.columns_fit(call, ins):
+                    self.unformed.add(id(call))  # not crossed by columns; tangents do
             if kind is not None and ins:
                 step.elementwise = step.rule.is_elementwise(call, ins)
             if kind is None:
@@ -565,14 +568,15 @@ def graph_diagonal(
     ``None``); ``budget``: column entries at one tensor (default: the chunk policy
     of ``value``'s device, read once here).
     """
-    blocked: set[int] = set()
-    while True:  # block the origins whose columns would cost more than sweeping
-        plan = _Plan(calls, value, sites, curved_from, blocked)
+    full = plan = _Plan(calls, value, sites, curved_from)
+    blocked: set[int] = set(full.unformed)  # residuals too large to form as columns
+    while True:  # and the origins whose columns would cost more than sweeping
+        if blocked:
+            plan = _Plan(calls, value, sites, curved_from, blocked)
         more = plan.costly() - blocked if plan.sites else set()
         if not more:
             break
         blocked |= more
-    full = _Plan(calls, value, sites, curved_from) if blocked else plan
     graphed = {id(s) for s in plan.sites}
     forward = [s for s in full.sites if id(s) not in graphed]
     routes = [("graph", s) for s in plan.sites] + [("tangent", s) for s in forward]
@@ -582,7 +586,12 @@ def graph_diagonal(
         budget = chunk_entries(value.device)
     with torch.no_grad():
         acc = _Backprop(plan, budget, max_columns).run() if plan.sites else {}
-        acc.update(tangent_diagonal(full.walk, value, forward, budget, progress))
+        try:
+            acc.update(tangent_diagonal(full.walk, value, forward, budget, progress))
+        except (RuntimeError, NotImplementedError, TypeError):
+            # a second directional derivative that torch.func cannot take: the
+            # caller's next routes (the sweep) answer for these parameters
+            routes = [(route, s) for route, s in routes if route == "graph"]
     out: dict[int, tuple[str, Tensor | None]] = {}
     for route, site in routes:
         for role, i in site.roles.items():

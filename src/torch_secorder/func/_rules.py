@@ -126,7 +126,14 @@ class Rule:
         return self.elementwise and _same_shape(call, active)
 
     def residual_ok(self, call: Call, active: list[Tensor]) -> bool:
-        """Whether :meth:`residual` can be formed (checked before computing)."""
+        """Whether the residual's curvature is known (checked before computing)."""
+        return True
+
+    def columns_fit(self, call: Call, active: list[Tensor]) -> bool:
+        """Whether :meth:`residual` can be formed here: its columns (formed at once)
+        within :data:`RESIDUAL_ENTRIES`, a dense residual within :data:`DENSE_LIMIT`.
+        Where not, the graph route does not cross the call, and the tangent route reads
+        its curvature as a second directional derivative instead."""
         return True
 
     def per_position(self, call: Call, active: list[Tensor]) -> bool:
@@ -191,7 +198,7 @@ class Pointwise(Rule):
             and all(a.shape == out.shape for a in active)
         )
 
-    def residual_ok(self, call, active):
+    def columns_fit(self, call, active):
         return _dense_ok(active)
 
     def residual(self, call, active, g_out):
@@ -295,6 +302,12 @@ class Softmax(Rule):
             return None
         return super().samples(call, active, kinds, n)
 
+    def columns_fit(self, call, active):
+        """Its columns (two per row of a sample, one for log-softmax) fit."""
+        x = active[0]
+        rows = x[0].numel() // max(1, x.shape[self._dim(call)])
+        return _columns_fit((1 if self.log else 2) * rows, active)
+
     def fast_vjp(self, call, active, cols):
         r""":math:`J^\top c = p \odot (c - \langle c, p\rangle)` (softmax),
         :math:`c - p \sum c` (log-softmax), along the softmax axis."""
@@ -392,7 +405,7 @@ class Loss(Rule):
     def is_curved(self, call, active):
         return not self.piecewise_linear
 
-    def residual_ok(self, call, active):
+    def columns_fit(self, call, active):
         return _loss_hessian(call, active[0]) is not None or _dense_ok(active)
 
     def fast_vjp(self, call, active, cols):
@@ -503,8 +516,12 @@ class Matmul(Rule):
     def is_curved(self, call, active):
         return _both_active(call, active)
 
-    def residual_ok(self, call, active):
-        return self._paired(call, active) or _dense_ok(active)
+    def columns_fit(self, call, active):
+        if self._paired(call, active):
+            a, b = call.args
+            per_matrix = 2 * min(a.shape[-2], b.shape[-1]) * a.shape[-1]
+            return _columns_fit(per_matrix * math.prod(a.shape[1:-2]), active)
+        return _dense_ok(active)
 
     def fast_vjp(self, call, active, cols):
         a, b = call.args
@@ -631,8 +648,11 @@ class Norm(Rule):
         res = rstd * (u - u.mean(kdims, keepdim=True) - xhat * (u * xhat).mean(kdims, keepdim=True))
         return [res]
 
-    def residual_ok(self, call, active):
-        return self._row_norm(call, active) is not None or _dense_ok(active)
+    def columns_fit(self, call, active):
+        found = self._row_norm(call, active)
+        if found is not None:
+            return _columns_fit(4 * active[0].numel() // (found[0] * active[0].shape[0]), active)
+        return _dense_ok(active)
 
     def per_position(self, call, active):
         """A layer/RMS norm over the last axis (eval batch norm: elementwise)."""
@@ -1114,6 +1134,17 @@ def _derivatives(call: Call, z: Tensor, piecewise_linear: bool):
 
 #: Per-slice entries above which the dense residual of a call is not formed.
 DENSE_LIMIT = 1024
+
+#: Entries (columns times the entries of each) above which a residual's columns, formed
+#: at once, are not formed (about 1 GiB in float64): the call is then not crossed and
+#: the parameters upstream of it take the sweep.  The attention of a 1-layer transformer
+#: at 128 tokens (d 32, 4 heads, batch 2) is just within it.
+RESIDUAL_ENTRIES = 2**27
+
+
+def _columns_fit(count: int, active: list[Tensor]) -> bool:
+    """Whether ``count`` columns on the active inputs stay within :data:`RESIDUAL_ENTRIES`."""
+    return count * sum(a.numel() for a in active) <= RESIDUAL_ENTRIES
 
 
 def _dense_residual(call: Call, active: list[Tensor], g_out: Tensor) -> Residual | None:

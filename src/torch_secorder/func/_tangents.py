@@ -134,7 +134,33 @@ def _last_reads(walk: list) -> dict[int, int]:
     return last
 
 
-def _residuals(walk: list, value: Tensor, floor: int) -> dict[int, Residual]:
+class _Directional:
+    r"""A curved call's curvature along a tangent, :math:`\partial^2_\epsilon \langle g,
+    f(x + \epsilon t)\rangle` by ``jvp`` of ``jvp`` (its residual too large to form)."""
+
+    def __init__(self, g_out):
+        self.g_out = g_out if isinstance(g_out, tuple) else (g_out,)
+
+    def __call__(self, step, ts: list) -> Tensor:
+        from torch_secorder.func._fixes import differentiable
+
+        fn = differentiable(substituted(step.call, step.active))
+        primals = tuple(step.active)
+        k = _dense_values(next(t for t in ts if t is not None)).shape[0]
+        ts = [a.new_zeros(k, *a.shape) if t is None else _dense(t) for a, t in zip(primals, ts)]
+
+        def phi(*xs: Tensor) -> Tensor:
+            out = fn(*xs)
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            return sum((o * g).sum() for o, g in zip(out, self.g_out, strict=True))
+
+        def second(*t: Tensor) -> Tensor:
+            return jvp(lambda *xs: jvp(phi, xs, t)[1], primals, t)[1]
+
+        return vmap(second)(*ts)
+
+
+def _residuals(walk: list, value: Tensor, floor: int) -> dict[int, Residual | _Directional]:
     """The residual of every curved call at or after ``floor``, from one backward pass."""
     g: dict[int, Tensor] = {id(value): torch.ones_like(value)}
     found: dict[int, Residual] = {}
@@ -148,10 +174,13 @@ def _residuals(walk: list, value: Tensor, floor: int) -> dict[int, Residual]:
         g_outs = [torch.zeros_like(o) if x is None else x for o, x in zip(outs, g_outs)]
         if step.curved:
             cot = g_outs[0] if isinstance(step.call.out, Tensor) else tuple(g_outs)
-            res = step.rule.residual(step.call, step.active, cot)
-            if res is None:
-                raise RuntimeError(f"no residual for {step.call.func}")  # planned otherwise
-            found[step.index] = res
+            if step.rule.columns_fit(step.call, step.active):
+                res = step.rule.residual(step.call, step.active, cot)
+                if res is None:
+                    raise RuntimeError(f"no residual for {step.call.func}")  # planned otherwise
+                found[step.index] = res
+            else:  # too large as columns: read as a second directional derivative
+                found[step.index] = _Directional(cot)
         if step.index > floor:
             for t, gi in zip(step.active, step.back([x[None] for x in g_outs])):
                 g[id(t)] = gi[0] if id(t) not in g else g[id(t)] + gi[0]
@@ -230,7 +259,9 @@ def _forward(walk, start, tangents, residuals, last, value) -> Tensor:
         if all(t is None for t in ts):
             continue
         res = residuals.get(step.index)
-        if res is not None:
+        if isinstance(res, _Directional):
+            total = total + res(step, ts)
+        elif res is not None:
             total = total + _quadratic(res, step.active, ts)
         for a in step.active:
             if last.get(id(a)) == step.index:
