@@ -52,7 +52,11 @@ slices: training-mode batch norm, a transposed leading axis, a curved call
 whose slice is too large for its dense residual) is not covered; the caller
 takes another exact route for it.
 
-Memory: a walk carries at most ``budget`` column entries at one tensor, by
+Memory: one origin's columns exist at a time (a curved call's residual is formed
+again when its walk starts, from the gradient kept at its output); a residual's
+columns, formed at once, are at most :data:`~torch_secorder.func._rules.RESIDUAL_ENTRIES`
+entries (a call beyond it is not crossed).  A walk carries at most ``budget`` column
+entries at one tensor, by
 default the device's chunk policy, :func:`torch_secorder._chunks.chunk_entries`
 of the loss value's device (on the CPU ``2**24`` entries; on CUDA the policy's
 share of the memory free when the route starts, at an estimated 64 bytes per
@@ -648,10 +652,10 @@ class _Backprop:
                 for key, d in res.diag.items():
                     if any(id(u) == key for u in step.useful):
                         diag[key] = d if key not in diag else diag[key] + d
-                if res.columns:
-                    cols = {k: c for k, c in res.columns.items() if self._is_useful(step, k)}
-                    if cols:
-                        origins.append((step.index, False, cols, res.sign))
+                if res.columns and any(self._is_useful(step, k) for k in res.columns):
+                    # formed again when walked: one origin's columns in memory at a time
+                    origins.append((step.index, False, (step, cot), None))
+                del res
             for o in outs:
                 d = diag.pop(id(o), None)
                 if d is None:
@@ -681,11 +685,16 @@ class _Backprop:
                 junction is None or origins[position][0] >= junction.index
             ):
                 start, inclusive, cols, sign, *skip = origins[position]
+                origins[position] = None  # released once walked
                 position += 1
                 if inclusive:
                     self._walk_diag(start, cols, sign, skip[0])
                 else:
-                    self._walk(start, False, cols, sign)
+                    step, cot = cols
+                    res = step.rule.residual(step.call, step.active, cot)
+                    cols = {k: c for k, c in res.columns.items() if self._is_useful(step, k)}
+                    self._walk(start, False, cols, res.sign)
+                    del res, cols
             elif junction is not None:
                 del self.junctions[id(junction.tensor)]
                 cols, sign = junction.columns()
