@@ -96,15 +96,22 @@ def test_junction_lets_spread_columns_walk_on():
 
 
 def test_junction_respects_the_budget():
-    """Kept columns beyond the budget are folded into blocks at once."""
+    """Kept columns beyond the budget are folded into blocks at once; blocks beyond it
+    are not formed (the columns walk on, the kept ones leave unchanged)."""
     gen = torch.Generator().manual_seed(3)
-    tensor = torch.zeros(2, 3, 4, dtype=DT)
-    junction = graph._Junction(tensor, index=0, budget=tensor.numel() * 2)
-    cols, sign = _one_position_columns(3, 2, 3, 4, gen)
+    tensor = torch.zeros(2, 3, 4, dtype=DT)  # blocks: 2 * 3 * 4 * 4 = 96 entries
+    junction = graph._Junction(tensor, index=0, budget=100)
+    cols, sign = _one_position_columns(6, 2, 3, 4, gen)  # 6 * 24 = 144 entries kept
     assert junction.take(cols, sign)
     assert junction.blocks is not None
     out, out_sign = junction.columns()
     assert_close(_signed_outer(out, out_sign), _signed_outer(cols, sign))
+    small = graph._Junction(tensor, index=0, budget=90)
+    first, first_sign = _one_position_columns(3, 2, 3, 4, gen)  # 72 entries: kept
+    assert small.take(first, first_sign)
+    assert not small.take(cols, sign) and small.blocks is None and small.count == 3
+    out, out_sign = small.columns()
+    assert_close(_signed_outer(out, out_sign), _signed_outer(first, first_sign))
 
 
 def _norm_call(kind: str, x: Tensor, shape: tuple[int, ...], weight, eps):

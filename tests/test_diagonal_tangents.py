@@ -239,3 +239,20 @@ def test_residuals_too_large_for_columns_take_tangents(monkeypatch):
     assert set(plan.values()) <= {"graph", "tangent"}
     assert_close(ours_hessian_diagonal(built), dense_hessian_diagonal(built))
     assert_close(ours_ggn_diagonal(built), dense_ggn_diagonal(built))
+
+
+def test_tangents_that_torch_func_refuses_leave_the_parameters_to_the_sweep(monkeypatch):
+    """Where the tangent route raises (a call whose derivatives torch.func cannot take),
+    its parameters take the next exact route (the sweep), never a wrong number."""
+    torch.manual_seed(1)
+    model = tanh_resnet(width=2, blocks=1, size=4, classes=3).to(DT)
+    x = torch.randn(2, 3, 4, 4, dtype=DT)
+    built = Built(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2]))
+    monkeypatch.setattr(graph, "COST_RATIO", 1e9)
+    monkeypatch.setattr(graph, "SMALL_COST", -1.0)
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("no forward-mode derivative")
+
+    monkeypatch.setattr(tangents, "_forward", refuse)
+    assert_close(ours_hessian_diagonal(built), dense_hessian_diagonal(built))

@@ -81,6 +81,7 @@ from torch_secorder.func._patches import unfold
 from torch_secorder.func._rules import (
     BATCHED,
     REDUCED,
+    RESIDUAL_ENTRIES,
     Activation,
     Norm,
     Softmax,
@@ -490,11 +491,16 @@ class _Plan:
 _LAZY_SITES = ("linear", "layer_norm", "rms_norm")
 
 #: The route is declined where this many times its estimated work exceeds the sweep's.
-#: Measured (2 threads, float64, graph route forced against the sweep, with
-#: :data:`CONV_WORK`): a 2-block tanh ResNet (width 8, 16x16, batch 16) estimated between
-#: 0.5x and 1x the sweep's work took 1.4x its time (22 s against 16 s); 1-layer
-#: transformers (d 32, 4 heads) estimated 32-64x, 4-8x and 1-2x below the sweep at 16, 64
-#: and 128 tokens (batch 8, 4, 2) ran 8.4x, 3.5x and 2.9x faster than it.
+#: Measured (``benchmarks/bench_diagonal_routes.py``; 2 threads, float64, graph route
+#: forced against the sweep, with
+#: :data:`CONV_WORK`): a 2-block tanh ResNet (width 8, 16x16, batch 16), estimated 0.92x
+#: the sweep's work, ran 12.0 s against the sweep's 13.4 s and the tangent route's 2.7 s
+#: (declined: the tangent route takes its convolutions); 1-layer transformers (d 32, 4
+#: heads) estimated 32-64x, 4-8x and 1-2x below the sweep at 16, 64 and 128 tokens
+#: (batch 8, 4, 2) ran 12.6x, 3.5x and 2.9x faster than it (taken; beyond
+#: RESIDUAL_ENTRIES, the attention by tangents).  The estimate is against the sweep,
+#: not the tangent route: where the graph route is taken, it was also the faster of
+#: the two in every case measured (transformer, 16 tokens: 2.4 s against 10.1 s).
 COST_RATIO = 1.0
 #: How much more a convolution's multiply-add costs on columns (its input-gradient and
 #: the per-sample squares from unfolded patches, in chunks of columns) than in the sweep's
@@ -861,11 +867,15 @@ class _Junction:
         """Keep ``cols`` (``(K, *tensor.shape)``) if each lives on one position."""
         if not _one_position_each(cols, self.units):
             return False
-        self.count += cols.shape[0]
-        few = self.count <= self.positions * self.units
-        if self.blocks is None and few and self.count * self.tensor.numel() <= self.budget:
+        few = self.count + cols.shape[0] <= self.positions * self.units
+        kept = (self.count + cols.shape[0]) * self.tensor.numel()
+        if self.blocks is None and few and kept <= self.budget:
+            self.count += cols.shape[0]
             self.parts.append((cols, sign))
             return True
+        if self.blocks is None and not self._blocks_fit():
+            return False  # these walk on as they are; the kept ones leave unchanged
+        self.count += cols.shape[0]
         if self.blocks is None:
             n, p, u = self.shape
             self.blocks = cols.new_zeros(n * p, u, u)
@@ -874,6 +884,12 @@ class _Junction:
             self.parts = []
         self._fold(cols, sign)
         return True
+
+    def _blocks_fit(self) -> bool:
+        """The blocks within the walk's budget and their eigen-columns, formed at once,
+        within :data:`~torch_secorder.func._rules.RESIDUAL_ENTRIES`."""
+        n, p, u = self.shape
+        return n * p * u * u <= self.budget and p * u * self.tensor.numel() <= RESIDUAL_ENTRIES
 
     def _fold(self, cols: Tensor, sign: Tensor) -> None:
         n, p, u = self.shape

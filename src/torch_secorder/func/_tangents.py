@@ -53,8 +53,9 @@ class _OneChannel:
     ``(k, N, 1, ...)`` and ``channel`` ``(k,)``; elementwise calls keep them so, and the
     next convolution costs a channel's share (then they are dense)."""
 
-    def __init__(self, values: Tensor, channel: Tensor, channels: int):
+    def __init__(self, values: Tensor, channel: Tensor, channels: int, runs: list):
         self.values, self.channel, self.channels = values, channel, channels
+        self.runs = runs  # [(channel, first, stop)]: directions lo:hi share a channel
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -223,6 +224,11 @@ def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | _OneChannel | N
         return (fill, *v) if one else (v * 2 if len(v) == 1 else v)
 
     n = x.shape[0]
+    per_unit = weight[0].numel() if role == "weight" else 1
+    runs = [  # entries lo:hi in order: each channel's directions are one run (host side)
+        (c, max(lo, c * per_unit) - lo, min(hi, (c + 1) * per_unit) - lo)
+        for c in range(lo // per_unit, (hi - 1) // per_unit + 1)
+    ]
     if role == "weight":
         patches = unfold(
             x,
@@ -231,11 +237,10 @@ def _site_tangent(site, role: str, lo: int, hi: int) -> Tensor | _OneChannel | N
             pair(b.get("padding", 0), 0),
             pair(b.get("stride", 1), 1),
         )  # (N, J, L)
-        per_unit = weight[0].numel()
         channel, values = entries // per_unit, patches[:, entries % per_unit].transpose(0, 1)
     else:
         channel, values = entries, z.new_ones(k, n, z[0, 0].numel())
-    return _OneChannel(values.reshape(k, n, 1, *z.shape[2:]), channel, units)
+    return _OneChannel(values.reshape(k, n, 1, *z.shape[2:]), channel, units, runs)
 
 
 def _along(call, param: Tensor) -> Callable[[Tensor], Tensor]:
@@ -310,7 +315,8 @@ def _push(step, ts: list[Tensor]) -> list[Tensor]:
     if step.elementwise:
         t = ts[0]
         if isinstance(t, _OneChannel):
-            return [_OneChannel(t.values * t.pick(step.jacobian()), t.channel, t.channels)]
+            values = t.values * t.pick(step.jacobian())
+            return [_OneChannel(values, t.channel, t.channels, t.runs)]
         return [t * step.jacobian()]
     present = [t for t in ts if t is not None]
     if (
@@ -383,12 +389,11 @@ def _conv_by_channel(call, t: _OneChannel) -> Tensor | None:
     out = call.out
     k, n = t.values.shape[:2]
     res = t.values.new_empty(k, *out.shape)
-    for c in torch.unique(t.channel).tolist():
-        sel = (t.channel == c).nonzero().flatten()
-        flat = t.values[sel].reshape(sel.numel() * n, 1, *t.values.shape[3:])
+    for c, first, stop in t.runs:
+        flat = t.values[first:stop].reshape((stop - first) * n, 1, *t.values.shape[3:])
         size = (flat.shape[0], *out.shape[1:])
         part = torch.nn.grad.conv2d_input(size, flipped[c : c + 1], flat, 1, pad, dilation, 1)
-        res[sel] = part.reshape(sel.numel(), *out.shape)
+        res[first:stop] = part.reshape(stop - first, *out.shape)
     return res
 
 
